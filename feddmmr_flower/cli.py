@@ -1,70 +1,98 @@
 """The ``feddmmr`` command line: prepare, features, train-central.
 
-Every subcommand prints one JSON object on stdout (progress goes to stderr), so its output
-can be piped; bad input exits with code 2 and a one-line message naming the problem.
+Every subcommand prints one JSON object on stdout (progress goes to stderr), so its output can
+be piped; bad input exits with code 2 and a one-line message naming the problem. The flags of
+``features`` and ``train-central`` are generated from ``ExperimentConfig`` (one source of truth
+shared with the Flower run config): ``--lambda-c 0.2`` is the run-config key ``lambda-c``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
+from .config import ExperimentConfig, kebab
 from .errors import FedDMMRError
 
-DEFAULT_CACHE = os.environ.get("FEDDMMR_CACHE_DIR", "data/cache")
+
+def add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """One flag per ExperimentConfig field (``--no-<flag>`` for booleans)."""
+    for spec in fields(ExperimentConfig):
+        if only is not None and spec.name not in only:
+            continue
+        flag = "--" + kebab(spec.name)
+        if spec.type in (bool, "bool"):
+            parser.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            caster = {"int": int, "float": float}.get(spec.type if isinstance(spec.type, str) else spec.type.__name__, str)
+            parser.add_argument(flag, dest=spec.name, type=caster, default=None, help=f"default: {spec.default!r}")
 
 
-def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True, help="ml-1m | ml-100k | csv")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="folder with the raw files (downloaded there when missing; default data/<dataset>); "
-                             "for csv: the folder holding interactions.csv/.tsv, or the file itself")
-    parser.add_argument("--items-file", type=Path, default=None, help="csv only: item table (item,title,genres,description,image)")
-    parser.add_argument("--top-users", type=int, default=None, help="keep only the N most active users")
-    parser.add_argument("--min-seq-len", type=int, default=5)
-    parser.add_argument("--cache-dir", type=Path, default=Path(DEFAULT_CACHE), help="prepared-data cache")
-    parser.add_argument("--download-url", default=None, help="archive URL (file:// works) instead of GroupLens")
-    parser.add_argument("--no-download", action="store_true", help="fail instead of downloading missing files")
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    given = {kebab(f.name): getattr(args, f.name) for f in fields(ExperimentConfig)
+             if getattr(args, f.name, None) is not None}
+    if "dataset" in given and "data-dir" not in given:
+        given["data-dir"] = f"data/{given['dataset']}"
+    return ExperimentConfig.from_flat(given, strict=True)
 
 
-def load_data(args: argparse.Namespace):
-    from .data import PrepareOptions, prepare_dataset
-
-    options = PrepareOptions(args.dataset, args.top_users, args.min_seq_len)
-    data_dir = args.data_dir or Path("data") / args.dataset
-    return prepare_dataset(options, data_dir, args.cache_dir, items_file=args.items_file,
-                           download_url=args.download_url, download=not args.no_download)
+DATA_FLAGS = ("dataset", "data_dir", "cache_dir", "items_file", "top_users", "min_seq_len", "download_url")
 
 
 def cmd_prepare(args: argparse.Namespace) -> dict:
-    data, folder = load_data(args)
-    return {**data.stats(), "dataset": args.dataset, "cache": str(folder)}
+    from .experiment import load_data
+
+    cfg = config_from_args(args)
+    data, folder = load_data(cfg)
+    return {**data.stats(), "dataset": cfg.dataset, "cache": str(folder)}
+
+
+def cmd_features(args: argparse.Namespace) -> dict:
+    from .experiment import load_data, load_features
+    from .features import features_summary
+
+    cfg = config_from_args(args)
+    data, _ = load_data(cfg)
+    return features_summary(load_features(cfg, data))
 
 
 def cmd_train_central(args: argparse.Namespace) -> dict:
     import torch
 
-    from .models.sasrec import SASRec, SASRecConfig
-    from .train import TrainConfig, result_payload, train_central
+    from .experiment import build_model, load_assets, memory_config, prototype_config, train_config
+    from .memory import LocalDynamicMemory
+    from .stages import StageSchedule
+    from .train import result_payload, train_central
 
+    cfg = config_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    data, folder = load_data(args)
-    model_config = SASRecConfig(num_items=data.num_items, hidden=args.hidden, maxlen=args.maxlen,
-                                num_blocks=args.blocks, num_heads=args.heads, dropout=args.dropout)
-    train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, loss=args.loss,
-                               num_negatives=args.negatives, eval_every=args.eval_every, patience=args.patience,
-                               seed=args.seed)
-    torch.manual_seed(args.seed)
-    out = args.out or Path("outputs") / f"central-{args.dataset}-sasrec"
-    result = train_central(SASRec(model_config), data, train_config, out_dir=out, device=args.device,
-                           extra_config={"dataset": args.dataset, "data_cache": str(folder), "data": data.stats()})
+    assets = load_assets(cfg)
+    model = build_model(cfg, assets)
+    memory = LocalDynamicMemory(assets.data.num_users, memory_config(cfg)) if cfg.variant != "sasrec" else None
+    out = Path(cfg.output_dir) / (cfg.run_name or f"central-{cfg.dataset}-{cfg.variant}")
+    result = train_central(model, assets.data, train_config(cfg), StageSchedule.parse(cfg.stage_schedule), memory,
+                           prototype_config(cfg), out_dir=out, device=cfg.device,
+                           extra_config={"experiment": cfg.flat(), "data": assets.data.stats(),
+                                         "features": _feature_labels(assets.features)})
     payload = result_payload(result)
-    return {"out": str(out), "best_epoch": payload["best_epoch"], "test": payload["test"],
-            "wall_time_s": payload["wall_time_s"], "train_sequences_per_s": payload["train_sequences_per_s"]}
+    if args.results_json:
+        from .data.sequences import atomic_write_json
+
+        Path(args.results_json).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(args.results_json), payload)
+    return {"out": str(out), "best_epoch": payload["best_epoch"], "best_stage": payload["best_stage"],
+            "test": payload["test"], "wall_time_s": payload["wall_time_s"],
+            "train_sequences_per_s": payload["train_sequences_per_s"]}
+
+
+def _feature_labels(tables: dict) -> dict:
+    """What the feature tables are, for results files (random-init CLIP must be visible there)."""
+    return {kind: {"model": t.meta.get("model"), "pretrained": t.meta.get("pretrained"),
+                   "coverage": round(t.coverage, 4)} for kind, t in tables.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,28 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     prepare = sub.add_parser("prepare", help="read, filter, split and cache a dataset; print its statistics")
-    _add_data_args(prepare)
-    prepare.add_argument("--out", dest="cache_dir", type=Path, help="alias of --cache-dir")
+    add_config_flags(prepare, DATA_FLAGS)
+    prepare.add_argument("--out", dest="cache_dir", help="alias of --cache-dir")
     prepare.set_defaults(func=cmd_prepare)
 
-    central = sub.add_parser("train-central", help="train SASRec centrally and write a results JSON")
-    _add_data_args(central)
-    central.add_argument("--epochs", type=int, default=200)
-    central.add_argument("--batch-size", type=int, default=128)
-    central.add_argument("--lr", type=float, default=1e-3)
-    central.add_argument("--loss", default="ce", help="ce (sampled softmax) | bce | bpr")
-    central.add_argument("--negatives", type=int, default=100, help="training negatives per sequence (ce) or position")
-    central.add_argument("--hidden", type=int, default=64)
-    central.add_argument("--maxlen", type=int, default=200)
-    central.add_argument("--blocks", type=int, default=2)
-    central.add_argument("--heads", type=int, default=1)
-    central.add_argument("--dropout", type=float, default=0.2)
-    central.add_argument("--eval-every", type=int, default=5)
-    central.add_argument("--patience", type=int, default=10)
-    central.add_argument("--seed", type=int, default=42)
-    central.add_argument("--device", default="cpu")
+    features = sub.add_parser("features", help="compute (or load from cache) item text/visual feature tables")
+    add_config_flags(features, DATA_FLAGS + ("text_features", "descriptions", "text_model", "visual_features",
+                                             "posters_dir", "movies_dat", "clip_model", "clip_pretrained",
+                                             "device"))
+    features.set_defaults(func=cmd_features)
+
+    central = sub.add_parser("train-central", help="train SASRec/FedDMMR centrally through a stage schedule")
+    add_config_flags(central)
     central.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    central.add_argument("--out", type=Path, default=None, help="output folder (results.json, best.pt)")
+    central.add_argument("--results-json", default="", help="also write the results JSON here (benchmarks)")
     central.set_defaults(func=cmd_train_central)
     return parser
 

@@ -178,6 +178,8 @@ class LocalDynamicMemory:
         for key in STATE_KEYS:
             target = getattr(self, key)
             value = torch.as_tensor(np.asarray(arrays[key]), dtype=target.dtype)
+            if value.numel() == target[row].numel() and value.dim() <= 1:
+                value = value.reshape(target[row].shape)  # transports may turn scalars into [1]
             if value.shape != target[row].shape:
                 raise ValueError(f"memory state {key!r} has shape {tuple(value.shape)}, expected {tuple(target[row].shape)}")
             target[row] = value

@@ -104,7 +104,9 @@ def batch_loss(model: FedDMMR, batch: Batch, config: TrainConfig, stage: str, sl
     real = (batch.targets != 0).float()
     if stage == "align" and model.config.uses_experts:
         loss = model.align_stage_loss(torch.cat([batch.inputs, batch.targets], 1), config.temperature)
-        return loss, torch.zeros_like(real), {"align": float(loss.detach())}
+        with torch.no_grad():  # the memory still needs this pass's surprise signal
+            _, position_loss, _ = batch_loss(model, batch, config, "pretrain", None, generator)
+        return loss, position_loss, {"align": float(loss.detach())}
     hidden = model.encode(batch.inputs)
     shape = (len(batch.users), config.num_negatives) if config.loss == "ce" else \
         (*batch.targets.shape, config.num_negatives)
@@ -148,8 +150,11 @@ def train_epoch(
     prototypes: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    extra_loss: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """One pass over ``users`` (memory rows ``rows``) in batches; writes surprising items to memory."""
+    """One pass over ``users`` (memory rows ``rows``) in batches; writes surprising items to memory.
+
+    ``extra_loss`` is added to every batch's loss (e.g. FedProx's proximal term)."""
     model.train()
     totals: dict[str, float] = {}
     positions_seen, writes = 0.0, 0
@@ -158,10 +163,15 @@ def train_epoch(
                            model.config.maxlen, device)
         slots = memory_slots(model, memory, batch.rows, prototypes, device) if stage == "finetune" else None
         loss, position_loss, parts = batch_loss(model, batch, config, stage, slots, generator)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss ({float(loss)}) in stage {stage!r}: "
+                                     "lower the learning rate; the model was not updated")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if memory is not None and stage != "align":
+        if memory is not None:
             writes += memory.write(batch.rows, batch.targets.cpu(), batch.target_positions.cpu(),
                                    position_loss.cpu())["writes"]
         weight = float((batch.targets != 0).sum())

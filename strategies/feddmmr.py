@@ -385,6 +385,8 @@ class FedDMMRStrategy(Strategy):
         metrics["stage-index"] = STAGES.index(self.stage_for_round(server_round))
         if accepted:
             metrics["update-norm-median"] = float(np.median([c.update_norm for c in accepted]))
+            seconds = [float(c.metrics.get("client-train-seconds", 0.0)) for c in accepted]  # type: ignore[arg-type]
+            metrics["total-client-train-seconds"] = float(sum(seconds))
         return arrays, metrics
 
     def _drop_norm_outliers(self, server_round: int, cands: list[_Candidate]) -> list[_Candidate]:
@@ -528,6 +530,16 @@ class FedDMMRStrategy(Strategy):
         messages = self._evaluate_messages(nodes, arrays, cfg, prototypes)
         replies = grid.send_and_receive(messages, timeout=timeout)
         return self._aggregate_eval_replies(0, replies)
+
+    # -------------------------------------------------------------- checkpoint
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a resumed run needs: server-optimiser state, prototypes, best model (picklable)."""
+        return {"base": self.base, "base_key": self._base_key, "base_step": self._base_step,
+                "prototypes": self.prototypes, "best": self.best}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        self.base, self._base_key, self._base_step = state["base"], state["base_key"], state["base_step"]
+        self.prototypes, self.best = state["prototypes"], state["best"]
 
     def summary(self) -> None:
         """Log the FedDMMR settings, then the base strategy's."""

@@ -13,8 +13,9 @@ scores exactly like its SASRec backbone; the first gradient step opens the branc
 Experts use cosine attention (bounded logits) and apply their MLP to each slot's value
 *before* attending, so an expert's output is a convex combination of per-slot vectors. That
 makes "only slots written before position t are visible" a prefix of the position-sorted
-slots, and the outputs for every prefix come from one cumulative sum: training scores
-1 + n candidates at every position without a [B, L, n, S, D] tensor.
+slots, and the score terms for every prefix come from cumulative sums of per-slot scalars
+(``MemoryExpert.prefix_scores``): training scores 1 + n candidates at every position without
+a [B, L, n, S, D] tensor.
 """
 
 from __future__ import annotations
@@ -120,15 +121,38 @@ class MemoryExpert(nn.Module):
         out = torch.einsum("bqhs,bshd->bqhd", weights, values)
         return out.flatten(-2)
 
-    def prefixes(self, queries: torch.Tensor, slots: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
-        """Outputs [B, Q, S + 1, D] when only the first k slots are visible, for every k = 0..S."""
-        logits, values = self._logits(queries, slots)
-        weights = torch.exp(logits - self.scale) * usable[:, None, None, :]  # [B, Q, H, S]
-        numer = torch.cumsum(weights[..., None] * values.permute(0, 2, 1, 3)[:, None], dim=3)  # [B,Q,H,S,dh]
-        denom = torch.cumsum(weights, dim=3)[..., None]
-        out = numer / denom.clamp(min=1e-30)
-        out = F.pad(out, (0, 0, 1, 0))  # k = 0: nothing visible
-        return out.permute(0, 1, 3, 2, 4).flatten(-2)
+    def prefix_scores(self, queries: torch.Tensor, slots: torch.Tensor, usable: torch.Tensor,
+                      norm: nn.LayerNorm, emb: torch.Tensor) -> torch.Tensor:
+        """``norm(output) · emb`` [B, Q, S + 1] when only the first k slots are visible, k = 0..S.
+
+        Exact closed form, so no [B, Q, S + 1, D] output is ever built: with attention weights
+        w_s (per head) the output of head h is x_h = Σ w_s v_s / Σ w_s, and
+        LN(x)·e = ((γ⊙e)·x − mean(x)·Σ(γ⊙e)) / sqrt(var(x) + ε) + β·e, where (γ⊙e)·x, mean(x)
+        and mean(x²) are prefix sums of per-slot scalars (the last one through the slots' Gram
+        matrix). Cost O(B·Q·H·S²) scalars instead of O(B·Q·S·D) vectors.
+        """
+        logits, values = self._logits(queries, slots)  # [B,Q,H,S], [B,S,H,dh]
+        w = torch.exp(logits - self.scale) * usable[:, None, None, :]
+        heads, dim = self.heads, queries.shape[-1]
+        u = self._heads(norm.weight * emb)  # γ⊙e per head [B, Q, H, dh]
+
+        def prefix(x: torch.Tensor) -> torch.Tensor:  # Σ_{s<k} x_s for k = 0..S
+            return F.pad(torch.cumsum(x, -1), (1, 0))
+
+        den = prefix(w).clamp(min=1e-30)
+        vu = torch.einsum("bshd,bqhd->bqhs", values, u)
+        x_dot_u = (prefix(w * vu) / den).sum(2)  # (γ⊙e)·x  [B, Q, S+1]
+        mean = (prefix(w * values.sum(-1).transpose(1, 2)[:, None]) / den).sum(2) / dim
+        gram = torch.einsum("bshd,bthd->bhst", values, values)  # [B, H, S, S]
+        lower = torch.ones(gram.shape[-1], gram.shape[-1], dtype=torch.bool, device=gram.device).tril(-1)
+        cross = torch.einsum("bqht,bhst->bqhs", w, gram * lower)  # Σ_{t<s} w_t G_st
+        diag = torch.diagonal(gram, dim1=-2, dim2=-1)[:, None]  # [B, 1, H, S]
+        sq = prefix(2 * w * cross + w * w * diag) / (den * den).clamp(min=1e-30)  # Σ_d x_h,d² per head
+        mean_sq = sq.sum(2) / dim
+        var = (mean_sq - mean * mean).clamp(min=0)
+        u_sum = u.sum((-1, -2))[..., None]
+        beta_e = (norm.bias * emb).sum(-1)[..., None]
+        return (x_dot_u - mean * u_sum) / torch.sqrt(var + norm.eps) + beta_e
 
 
 class FedDMMR(nn.Module):
@@ -228,22 +252,20 @@ class FedDMMR(nn.Module):
         return Slots(self.proj_vis(vis_raw), self.proj_txt(txt_raw), vis_ok, txt_ok, positions)
 
     # ------------------------------------------------------------ experts
-    def _fuse(self, cand: torch.Tensor, vis: torch.Tensor, sem: torch.Tensor, vis_has: torch.Tensor,
+    def _fuse(self, cand: torch.Tensor, vis_dot: torch.Tensor, sem_dot: torch.Tensor, vis_has: torch.Tensor,
               sem_has: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert term of the score, and router weights; ``vis``/``sem`` are [..., D] per candidate.
+        """Expert term of the score and router weights, from each expert's ``LN(out) · e`` [B, Q(, K)].
 
-        ``cand`` is [B, Q]; the expert tensors may carry one extra axis after Q (prefixes).
+        An expert without input (no visible slot with that modality, or a candidate without an
+        image for the visual expert) gets weight 0; the other renormalises.
         """
-        emb = self.item_emb(cand)  # [B, Q, D]
-        logits = self.router(emb)  # [B, Q, 2]
-        extra_axes = vis.dim() - 3
-        for _ in range(extra_axes):
-            emb, logits, cand = emb.unsqueeze(2), logits.unsqueeze(2), cand.unsqueeze(2)
+        logits = self.router(self.item_emb(cand))  # [B, Q, 2]
+        if vis_dot.dim() == 3:  # one more axis: the visible-prefix length
+            logits, cand = logits.unsqueeze(2), cand.unsqueeze(2)
         available = torch.stack([vis_has & self.vis_avail[cand], sem_has.expand_as(vis_has)], -1)
         logits = logits.masked_fill(~available, -math.inf)
         weights = torch.softmax(logits, -1).nan_to_num(0.0)  # no expert available: both weights 0
-        term = weights[..., 0] * (self.norm_vis(vis) * emb).sum(-1) + weights[..., 1] * (self.norm_sem(sem) * emb).sum(-1)
-        return term, weights
+        return weights[..., 0] * vis_dot + weights[..., 1] * sem_dot, weights
 
     def expert_terms(self, cand: torch.Tensor, slots: Slots, visible_count: torch.Tensor | None = None):
         """Expert terms [B, Q] for candidates [B, Q], seeing the first ``visible_count`` [B, Q] slots
@@ -256,20 +278,26 @@ class FedDMMR(nn.Module):
             visible = order < visible_count[..., None]
         vis_vis = visible & slots.vis_ok[:, None, :]
         sem_vis = visible & slots.txt_ok[:, None, :]
+        emb = self.item_emb(cand)
         vis = self.vis_expert(self.proj_vis(self.vis_feat[cand]), slots.vis, vis_vis)
-        sem = self.sem_expert(self.item_emb(cand), slots.txt, sem_vis)
-        term, weights = self._fuse(cand, vis, sem, vis_vis.any(-1), sem_vis.any(-1))
+        sem = self.sem_expert(emb, slots.txt, sem_vis)
+        vis_dot = (self.norm_vis(vis) * emb).sum(-1)
+        sem_dot = (self.norm_sem(sem) * emb).sum(-1)
+        term, weights = self._fuse(cand, vis_dot, sem_dot, vis_vis.any(-1), sem_vis.any(-1))
         return term, vis, sem, weights
 
     def expert_prefix_terms(self, cand: torch.Tensor, slots: Slots) -> torch.Tensor:
         """Expert terms [B, Q, S + 1] for candidates [B, Q] when the first k slots are visible."""
-        vis = self.vis_expert.prefixes(self.proj_vis(self.vis_feat[cand]), slots.vis, slots.vis_ok)
-        sem = self.sem_expert.prefixes(self.item_emb(cand), slots.txt, slots.txt_ok)
+        emb = self.item_emb(cand)
+        vis_dot = self.vis_expert.prefix_scores(self.proj_vis(self.vis_feat[cand]), slots.vis, slots.vis_ok,
+                                                self.norm_vis, emb)
+        sem_dot = self.sem_expert.prefix_scores(emb, slots.txt, slots.txt_ok, self.norm_sem, emb)
         pad = torch.zeros_like(slots.vis_ok[:, :1])
         vis_has = torch.cat([pad, slots.vis_ok], 1).cumsum(1) > 0  # [B, S + 1]
         sem_has = torch.cat([pad, slots.txt_ok], 1).cumsum(1) > 0
-        term, _ = self._fuse(cand, vis, sem, vis_has[:, None, :].expand(vis.shape[:3]),
-                             sem_has[:, None, :].expand(vis.shape[:3]))
+        shape = vis_dot.shape
+        term, _ = self._fuse(cand, vis_dot, sem_dot, vis_has[:, None, :].expand(shape),
+                             sem_has[:, None, :].expand(shape))
         return term
 
     # ------------------------------------------------------------- scoring

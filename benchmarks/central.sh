@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Centralized baselines on ML-100K (DATA=folder with u.data/u.item; SHARED=folder with
+# ml-100k-llm/ and ml-1m/ for the text descriptions and posters). Each run writes
+# benchmarks/results/central_<variant>_ml100k.json with the exact command inside.
+set -euo pipefail
+DATA=${DATA:-data/ml-100k}
+SHARED=${SHARED:-../shared/data}
+which=${1:-sasrec}
+case "$which" in
+  sasrec)
+    feddmmr train-central --dataset ml-100k --data-dir "$DATA" --variant sasrec \
+      --stage-schedule pretrain:200 --eval-every 5 --patience 10 \
+      --run-name central-sasrec --results-json benchmarks/results/central_sasrec_ml100k.json ;;
+  full|no-proto|no-contrast)
+    feddmmr train-central --dataset ml-100k --data-dir "$DATA" --variant "$which" \
+      --descriptions "$SHARED/ml-100k-llm/item_descriptions.json" \
+      --visual-features --posters-dir "$SHARED/ml-1m/posters" --movies-dat "$SHARED/ml-1m/movies.dat" \
+      --stage-schedule "${SCHEDULE:-pretrain:200,align:5,finetune:60}" --eval-every 5 --patience 6 \
+      --run-name "central-$which" --results-json "benchmarks/results/central_${which}_ml100k.json" ;;
+  *) echo "usage: $0 [sasrec|full|no-proto|no-contrast]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,173 @@
+"""Every knob of an experiment, in one place.
+
+``ExperimentConfig`` is the single source of truth: the CLI builds its flags from it, the Flower
+apps read it from ``context.run_config`` (``[tool.flwr.app.config]`` in pyproject.toml mirrors it
+key for key, which a test checks), and results files record it. Keys are kebab-case in flat form
+(``lambda-c``), snake_case as attributes. Empty strings mean "not set" for optional paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from .errors import ConfigError
+from .losses import LOSSES
+from .models.feddmmr import VARIANTS
+
+
+STRATEGIES = ("fedavg", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedprox", "fedmedian", "fedtrimmedavg")
+
+
+@dataclass
+class ExperimentConfig:
+    # data
+    dataset: str = "ml-100k"
+    data_dir: str = "data/ml-100k"
+    cache_dir: str = "data/cache"
+    items_file: str = ""
+    top_users: int = 0  # 0: every user
+    min_seq_len: int = 5
+    download_url: str = ""
+    # item features
+    text_features: bool = True
+    descriptions: str = ""  # JSON {raw item id: text}; else "title — genres"
+    text_model: str = ""  # sentence-transformers name or path; "" = offline all-MiniLM-L6-v2
+    visual_features: bool = False  # needs posters-dir
+    posters_dir: str = ""
+    movies_dat: str = ""  # ML-1M movies.dat, to map ML-100K titles to posters
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str = ""  # open_clip tag or local weights file; "" = random init (labelled)
+    # model
+    variant: str = "full"
+    hidden: int = 64
+    maxlen: int = 200
+    blocks: int = 2
+    heads: int = 1
+    dropout: float = 0.2
+    expert_heads: int = 2
+    # optimisation
+    loss: str = "ce"
+    negatives: int = 100
+    lr: float = 1e-3
+    batch_size: int = 128
+    weight_decay: float = 0.0
+    lambda_c: float = 0.1
+    lambda_lb: float = 0.01
+    surprise_alpha: float = 1.0
+    temperature: float = 0.07
+    stage_schedule: str = "pretrain:200"
+    # memory and prototypes
+    memory_capacity: int = 50
+    memory_topk: int = 20
+    surprise_threshold: float = 1.0
+    max_writes: int = 10
+    num_prototypes: int = 5
+    min_cluster_size: int = 3
+    prototype_noise: float = 0.0
+    prototype_ema: float = 0.5
+    # federation (ignored by the centralized trainer)
+    strategy: str = "fedadam"
+    fraction_train: float = 0.1
+    local_epochs: int = 1
+    client_lr: float = 0.05  # plain SGD on the client (see DESIGN §4 optimisation note)
+    server_lr: float = 1e-3  # FedAdam/FedYogi/FedAdagrad eta, FedAvgM server learning rate
+    proximal_mu: float = 0.0  # FedProx
+    min_available_nodes: int = 2
+    eval_users: int = 200  # fixed validation sample every eval-every rounds (0: all users)
+    resume_from: str = ""  # a run folder (or its last.pt): continue that run where it stopped
+    init_from: str = ""  # a checkpoint (.pt) whose model weights start this run
+    fault_nan_partition: int = -1  # testing only: this partition replies with NaN arrays
+    # evaluation and bookkeeping
+    eval_every: int = 5
+    eval_negatives: int = 100
+    eval_seed: int = 0
+    patience: int = 10
+    seed: int = 42
+    device: str = "cpu"
+    output_dir: str = "outputs"
+    run_name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"variant: unknown {self.variant!r}, choose one of {', '.join(VARIANTS)}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy: unknown {self.strategy!r}, choose one of {', '.join(STRATEGIES)}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss: unknown {self.loss!r}, choose one of {', '.join(LOSSES)}")
+        positive = ("min_seq_len", "hidden", "maxlen", "blocks", "heads", "expert_heads", "negatives", "batch_size",
+                    "memory_capacity", "memory_topk", "max_writes", "num_prototypes", "min_cluster_size",
+                    "eval_every", "eval_negatives", "patience")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{kebab(name)} must be >= 1, got {getattr(self, name)}")
+        non_negative = ("top_users", "weight_decay", "lambda_c", "lambda_lb", "surprise_alpha", "prototype_noise")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{kebab(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "client_lr", "server_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{kebab(name)} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.fraction_train <= 1:
+            raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
+        if self.local_epochs < 1:
+            raise ConfigError(f"local-epochs must be >= 1, got {self.local_epochs}")
+        if self.eval_users < 0 or self.proximal_mu < 0 or self.min_available_nodes < 1:
+            raise ConfigError("eval-users and proximal-mu must be >= 0, min-available-nodes >= 1")
+        if self.visual_features and not self.posters_dir and self.variant != "sasrec":
+            raise ConfigError("visual-features is on but posters-dir is empty: set posters-dir (a folder of "
+                              "<item>.jpg posters) or visual-features=false")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 < self.prototype_ema <= 1:
+            raise ConfigError(f"prototype-ema must be in (0, 1], got {self.prototype_ema}")
+        if self.memory_topk > self.memory_capacity:
+            raise ConfigError(f"memory-topk ({self.memory_topk}) cannot exceed memory-capacity ({self.memory_capacity})")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        from .stages import StageSchedule
+        StageSchedule.parse(self.stage_schedule)  # fail early on a bad schedule
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any], strict: bool = False) -> "ExperimentConfig":
+        """Build from kebab-case keys (a Flower run config); unknown keys are ignored unless ``strict``."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                if strict:
+                    raise ConfigError(f"unknown config key {key!r}")
+                continue
+            kwargs[name] = coerce(key, value, known[name].type)
+        return cls(**kwargs)
+
+    def flat(self) -> dict[str, Any]:
+        return {kebab(k): v for k, v in asdict(self).items()}
+
+
+def kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Convert a run-config value to the field's type, with an error naming the key."""
+    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    try:
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {kind}, got {value!r}") from None

@@ -1,0 +1,114 @@
+"""From an ``ExperimentConfig`` to data, feature tables, a model and training configs.
+
+The CLI, the centralized trainer and both Flower apps build everything through these
+functions, so a run means the same thing wherever it runs. ``load_assets`` caches per
+process: a Flower worker serving many clients loads the dataset and features once.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ExperimentConfig
+from .data import PrepareOptions, SequenceData, prepare_dataset
+from .errors import ConfigError
+from .memory import MemoryConfig
+from .models.feddmmr import FedDMMR, FedDMMRConfig
+from .prototypes import PrototypeConfig
+from .train import TrainConfig
+
+
+@dataclass
+class Assets:
+    """Everything a process needs that does not change during a run."""
+
+    data: SequenceData
+    data_folder: Path
+    features: dict  # kind -> FeatureTable
+
+
+def _path(value: str) -> Path | None:
+    return Path(value).expanduser() if value else None
+
+
+def load_data(cfg: ExperimentConfig) -> tuple[SequenceData, Path]:
+    options = PrepareOptions(cfg.dataset, cfg.top_users or None, cfg.min_seq_len)
+    return prepare_dataset(options, Path(cfg.data_dir).expanduser(), Path(cfg.cache_dir).expanduser(),
+                           items_file=_path(cfg.items_file), download_url=cfg.download_url or None, verbose=False)
+
+
+def load_features(cfg: ExperimentConfig, data: SequenceData) -> dict:
+    """Feature tables the variant needs (computed once, then read from the cache)."""
+    if cfg.variant == "sasrec" or not (cfg.text_features or cfg.visual_features):
+        return {}
+    from .features import compute_item_features
+
+    return compute_item_features(
+        data, Path(cfg.cache_dir).expanduser() / "features",
+        text=cfg.text_features, visual=cfg.visual_features,
+        descriptions=_path(cfg.descriptions), text_model=cfg.text_model or None,
+        posters_dir=_path(cfg.posters_dir), movies_dat=_path(cfg.movies_dat),
+        clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained or None,
+        device=cfg.device, verbose=sys.stderr.isatty(),
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_assets(key: tuple) -> Assets:
+    cfg = ExperimentConfig(**dict(key))
+    data, folder = load_data(cfg)
+    return Assets(data, folder, load_features(cfg, data))
+
+
+ASSET_FIELDS = ("dataset", "data_dir", "cache_dir", "items_file", "top_users", "min_seq_len", "download_url",
+                "text_features", "descriptions", "text_model", "visual_features", "posters_dir", "movies_dat",
+                "clip_model", "clip_pretrained", "variant", "device")
+
+
+def load_assets(cfg: ExperimentConfig) -> Assets:
+    """Dataset + features, loaded once per process for a given data/feature configuration."""
+    key = tuple((name, getattr(cfg, name)) for name in ASSET_FIELDS)
+    return _cached_assets(key)
+
+
+def model_config(cfg: ExperimentConfig, data: SequenceData) -> FedDMMRConfig:
+    return FedDMMRConfig(num_items=data.num_items, hidden=cfg.hidden, maxlen=cfg.maxlen, num_blocks=cfg.blocks,
+                         num_heads=cfg.heads, dropout=cfg.dropout, variant=cfg.variant,
+                         expert_heads=cfg.expert_heads)
+
+
+def build_model(cfg: ExperimentConfig, assets: Assets) -> FedDMMR:
+    """A freshly initialised model (seeded) with the item feature tables installed."""
+    torch.manual_seed(cfg.seed)
+    model = FedDMMR(model_config(cfg, assets.data))
+    text, visual = assets.features.get("text"), assets.features.get("visual")
+    if cfg.variant != "sasrec" and text is None and visual is None:
+        raise ConfigError(f"variant {cfg.variant!r} needs item features: enable text-features or visual-features")
+    model.set_features(
+        visual=None if visual is None else visual.vectors, visual_mask=None if visual is None else visual.mask,
+        text=None if text is None else text.vectors, text_mask=None if text is None else text.mask,
+    )
+    return model.to(cfg.device)
+
+
+def train_config(cfg: ExperimentConfig, lr: float | None = None) -> TrainConfig:
+    return TrainConfig(batch_size=cfg.batch_size, lr=lr or cfg.lr, weight_decay=cfg.weight_decay, loss=cfg.loss,
+                       num_negatives=cfg.negatives, lambda_c=cfg.lambda_c, lambda_lb=cfg.lambda_lb,
+                       surprise_alpha=cfg.surprise_alpha, temperature=cfg.temperature, eval_every=cfg.eval_every,
+                       patience=cfg.patience, eval_negatives=cfg.eval_negatives, eval_seed=cfg.eval_seed,
+                       seed=cfg.seed)
+
+
+def memory_config(cfg: ExperimentConfig) -> MemoryConfig:
+    return MemoryConfig(capacity=cfg.memory_capacity, topk=cfg.memory_topk,
+                        surprise_threshold=cfg.surprise_threshold, max_writes=cfg.max_writes)
+
+
+def prototype_config(cfg: ExperimentConfig) -> PrototypeConfig:
+    return PrototypeConfig(num_prototypes=cfg.num_prototypes, min_cluster_size=cfg.min_cluster_size,
+                           noise_std=cfg.prototype_noise, seed=cfg.seed)

@@ -1,0 +1,1 @@
+"""Models: the SASRec backbone and FedDMMR (SASRec + memory experts)."""

@@ -1,0 +1,201 @@
+"""The server's round loop: stages, progress, history, checkpoints, resume, final test.
+
+``FedDMMRStrategy`` decides what goes out and how replies combine; this loop only drives it
+(``Strategy.start`` cannot resume or write per-round files) and records what happened in
+``outputs/<run-name>/``: config.json, history.json, best.pt, checkpoint-<stage>.pt, last.pt,
+curves.png and summary.json.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from feddmmr_flower.config import ExperimentConfig
+from feddmmr_flower.data.sequences import atomic_write_json
+from feddmmr_flower.errors import ConfigError
+from feddmmr_flower.experiment import load_data, model_config
+from feddmmr_flower.models.feddmmr import FedDMMR
+from feddmmr_flower.plots import plot_curves
+from feddmmr_flower.stages import StageSchedule, trainable_names
+from strategies import FedDMMRStrategy
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _metrics(record) -> dict:
+    return {} if record is None else {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
+
+
+def _save_pt(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    tmp.replace(path)
+
+
+def _model_payload(cfg: ExperimentConfig, model: FedDMMR, arrays: ArrayRecord, prototypes, **extra) -> dict:
+    state = {name: torch.as_tensor(array.numpy()) for name, array in arrays.items()}
+    return {"model_config": asdict(model.config), "state_dict": state, "experiment": cfg.flat(),
+            "prototypes": None if prototypes is None else torch.as_tensor(prototypes), **extra}
+
+
+class FederatedRun:
+    def __init__(self, grid: Grid, cfg: ExperimentConfig) -> None:
+        self.grid, self.cfg = grid, cfg
+        self.schedule = StageSchedule.parse(cfg.stage_schedule)
+        data, _ = load_data(cfg)  # the catalogue size only: the server never sees interactions
+        torch.manual_seed(cfg.seed)
+        self.model = FedDMMR(model_config(cfg, data))
+        if cfg.init_from:
+            self._init_from(Path(cfg.init_from))
+        self.out = Path(cfg.output_dir) / (cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S"))
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.history: list[dict] = []
+        self.start_round = 1
+        self.arrays = ArrayRecord(self.model.state_dict())
+        self.strategy = FedDMMRStrategy(
+            schedule=self.schedule, base=cfg.strategy,
+            base_kwargs=dict(fraction_train=cfg.fraction_train, fraction_evaluate=0.0,
+                             min_available_nodes=cfg.min_available_nodes, min_train_nodes=1,
+                             eta=cfg.server_lr, eta_l=cfg.client_lr, server_learning_rate=cfg.server_lr,
+                             proximal_mu=cfg.proximal_mu),
+            trainable_names=lambda stage: trainable_names(self.model, stage),
+            num_prototypes=cfg.num_prototypes, prototype_ema=cfg.prototype_ema, prototype_seed=cfg.seed,
+            prototype_dim=self.model.config.prototype_dim if self.model.config.uses_prototypes else None,
+            evaluate_every=cfg.eval_every, evaluate_split="valid",
+        )
+        if cfg.resume_from:
+            self._resume(Path(cfg.resume_from))
+
+    # ------------------------------------------------------------ set-up
+    def _init_from(self, path: Path) -> None:
+        if not path.is_file():
+            raise ConfigError(f"init-from: checkpoint {path} not found")
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        missing = self.model.load_state_dict(state, strict=False)
+        _say(f"[feddmmr] init-from {path}: loaded {len(state)} tensors "
+             f"({len(missing.missing_keys)} kept from a fresh model)")
+
+    def _resume(self, path: Path) -> None:
+        path = path / "last.pt" if path.is_dir() else path
+        if not path.is_file():
+            raise ConfigError(f"resume-from: no checkpoint at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state["experiment"]["stage-schedule"] != self.cfg.stage_schedule:
+            raise ConfigError(f"resume-from: {path} was made with stage-schedule "
+                              f"{state['experiment']['stage-schedule']!r}, this run has {self.cfg.stage_schedule!r}")
+        self.arrays = ArrayRecord({k: v.numpy() for k, v in state["state_dict"].items()})
+        self.strategy.restore_state(pickle.loads(state["strategy"]))
+        self.history = state["history"]
+        self.start_round = int(state["round"]) + 1
+        _say(f"[feddmmr] resuming {path} after round {state['round']} of {self.schedule.total_rounds}")
+
+    def _wait_for_nodes(self, timeout: float = 600.0) -> list[int]:
+        deadline = time.time() + timeout
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= self.cfg.min_available_nodes:
+                return nodes
+            if time.time() > deadline:
+                raise RuntimeError(f"only {len(nodes)} of min-available-nodes={self.cfg.min_available_nodes} "
+                                   f"nodes connected after {timeout:.0f} s")
+            time.sleep(1.0)
+
+    # -------------------------------------------------------------- loop
+    def run(self) -> dict:
+        nodes = self._wait_for_nodes()
+        sample = len(nodes) if self.cfg.eval_users == 0 else min(self.cfg.eval_users, len(nodes))
+        self.strategy.evaluate_node_ids = sorted(random.Random(self.cfg.seed).sample(nodes, sample))
+        atomic_write_json(self.out / "config.json", {"experiment": self.cfg.flat(), "schedule": str(self.schedule),
+                                                     "nodes": len(nodes), "eval_nodes": sample,
+                                                     "model": asdict(self.model.config)})
+        train_cfg = ConfigRecord({"lr": self.cfg.client_lr, "local-epochs": self.cfg.local_epochs})
+        eval_cfg = ConfigRecord({})
+        total = self.schedule.total_rounds
+        started = time.time()
+        _say(f"[feddmmr] {len(nodes)} nodes, {total} rounds ({self.schedule}), strategy {self.cfg.strategy}, "
+             f"output {self.out}")
+        for rnd in range(self.start_round, total + 1):
+            tick = time.time()
+            stage = self.strategy.stage_for_round(rnd)
+            replies = self.grid.send_and_receive(self.strategy.configure_train(rnd, self.arrays, train_cfg, self.grid))
+            arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
+            if arrays is not None:
+                self.arrays = arrays
+            eval_msgs = list(self.strategy.configure_evaluate(rnd, self.arrays, eval_cfg, self.grid))
+            valid = None
+            if eval_msgs:
+                valid = self.strategy.aggregate_evaluate(rnd, self.grid.send_and_receive(eval_msgs))
+                if valid is None:
+                    _say(f"[feddmmr] round {rnd}: all {len(eval_msgs)} evaluation replies failed (see the client log)")
+            seconds = time.time() - tick
+            record = {
+                "round": rnd, "stage": stage, "seconds": round(seconds, 3),
+                "trainable_arrays": list(self.strategy._names),
+                "train": _metrics(train_metrics), "valid": _metrics(valid),
+                "valid_requested": len(eval_msgs),
+                "rejected": self.strategy.rejected.get(rnd, []), "failed": self.strategy.failed.get(rnd, []),
+            }
+            self.history.append(record)
+            self._save_round(rnd, stage, valid)
+            done = rnd - self.start_round + 1
+            eta = (time.time() - started) / done * (total - rnd)
+            line = (f"round {rnd}/{total} [{stage}] nodes {int(record['train'].get('num-accepted', 0))}"
+                    f" loss {record['train'].get('loss', float('nan')):.4f}")
+            if valid is not None:
+                line += f"  valid NDCG@10 {valid['NDCG@10']:.4f} HR@10 {valid['HR@10']:.4f}"
+            if record["rejected"] or record["failed"]:
+                line += f"  rejected {len(record['rejected'])} failed {len(record['failed'])}"
+            _say(line + f"  {seconds:.1f}s  ETA {eta / 60:.1f} min")
+        return self._finish(time.time() - started)
+
+    def _save_round(self, rnd: int, stage: str, valid) -> None:
+        atomic_write_json(self.out / "history.json", {"rounds": self.history})
+        best = self.strategy.best
+        if valid is not None and best is not None and best.server_round == rnd:
+            _save_pt(self.out / "best.pt", _model_payload(self.cfg, self.model, best.arrays, best.prototypes,
+                                                          round=rnd, valid=_metrics(valid)))
+        segment = self.schedule.segment_for_round(rnd)
+        if rnd == segment.last_round:
+            _save_pt(self.out / f"checkpoint-{stage}.pt",
+                     _model_payload(self.cfg, self.model, self.arrays, self.strategy.prototypes, round=rnd))
+        _save_pt(self.out / "last.pt", _model_payload(
+            self.cfg, self.model, self.arrays, self.strategy.prototypes, round=rnd, history=self.history,
+            strategy=pickle.dumps(self.strategy.checkpoint_state())))
+        plot_curves({self.out.name: self.history}, self.out / "curves.png")
+
+    def _finish(self, seconds: float) -> dict:
+        best = self.strategy.best
+        arrays = best.arrays if best is not None else self.arrays
+        prototypes = best.prototypes if best is not None else self.strategy.prototypes
+        _say(f"[feddmmr] final test on all {len(self.grid.get_node_ids())} nodes with the best model "
+             f"(round {best.server_round if best else 'last'})")
+        test = self.strategy.evaluate_all(self.grid, arrays, split="test", prototypes=prototypes)
+        test = _metrics(test)
+        sampled = {k: v for k, v in test.items() if k.split("@")[0] in ("HR", "NDCG") or k == "MRR"}
+        full = {k[len("full-"):]: v for k, v in test.items() if k.startswith("full-")}
+        rounds = [r["seconds"] for r in self.history]
+        client = [r["train"].get("total-client-train-seconds", 0.0) for r in self.history]
+        summary = {
+            "run": str(self.out), "rounds": len(self.history), "wall_time_s": round(seconds, 1),
+            "best_round": best.server_round if best else None, "best_valid_NDCG@10": best.value if best else None,
+            "test": {"sampled": sampled, "full": full, "num_users": test.get("num-examples")},
+            "mean_round_seconds": round(float(np.mean(rounds)), 3) if rounds else None,
+            "mean_client_train_seconds_per_round": round(float(np.mean(client)), 3) if client else None,
+        }
+        atomic_write_json(self.out / "summary.json", summary)
+        _say(f"[feddmmr] done in {seconds / 60:.1f} min: test NDCG@10 {sampled.get('NDCG@10', float('nan')):.4f} "
+             f"HR@10 {sampled.get('HR@10', float('nan')):.4f} (sampled), NDCG@10 {full.get('NDCG@10', float('nan')):.4f} "
+             f"(full). Outputs in {self.out}")
+        return summary
