@@ -62,7 +62,7 @@ def cmd_features(args: argparse.Namespace) -> dict:
 def cmd_train_central(args: argparse.Namespace) -> dict:
     import torch
 
-    from .experiment import build_model, load_assets, memory_config, prototype_config, train_config
+    from .experiment import build_model, load_assets, load_weights, memory_config, prototype_config, train_config
     from .memory import LocalDynamicMemory
     from .stages import StageSchedule
     from .train import result_payload, train_central
@@ -72,6 +72,8 @@ def cmd_train_central(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     assets = load_assets(cfg)
     model = build_model(cfg, assets)
+    if cfg.init_from:
+        load_weights(model, cfg.init_from)
     memory = LocalDynamicMemory(assets.data.num_users, memory_config(cfg)) if cfg.variant != "sasrec" else None
     out = Path(cfg.output_dir) / (cfg.run_name or f"central-{cfg.dataset}-{cfg.variant}")
     result = train_central(model, assets.data, train_config(cfg), StageSchedule.parse(cfg.stage_schedule), memory,

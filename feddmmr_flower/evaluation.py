@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .data.sequences import SequenceData
+from .errors import ConfigError
 
 KS = (5, 10, 20)
 PROTOCOLS = ("sampled", "full")
@@ -44,9 +45,9 @@ def sample_candidates(
     available = (~history).sum(axis=1)
     if (available < num_negatives).any():
         worst = int(users[np.argmin(available)])
-        raise ValueError(
+        raise ConfigError(
             f"user {worst} has only {int(available.min())} never-interacted items, fewer than "
-            f"num_negatives={num_negatives}"
+            f"num_negatives={num_negatives}: lower eval-negatives"
         )
     split_id = _SPLIT_SEED[split]
     # One generator per user (not per batch) so that a user's candidates never depend on

@@ -96,6 +96,28 @@ def build_model(cfg: ExperimentConfig, assets: Assets) -> FedDMMR:
     return model.to(cfg.device)
 
 
+def load_weights(model: FedDMMR, path: str | Path) -> list[str]:
+    """Start from a checkpoint of any stage (central ``best.pt`` or a federated ``checkpoint-<stage>.pt``).
+
+    Tensors the checkpoint lacks keep their fresh initialisation; a shape mismatch is an error.
+    Returns the names that were not in the checkpoint.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"init-from: checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    except Exception as exc:  # a truncated or foreign file
+        raise ConfigError(f"init-from: {path} is not a FedDMMR checkpoint ({exc})") from None
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise ConfigError(f"init-from: {path} does not fit this model ({wrong[0]}: "
+                          f"{tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}); same dataset and sizes?")
+    result = model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return list(result.missing_keys)
+
+
 def train_config(cfg: ExperimentConfig, lr: float | None = None) -> TrainConfig:
     return TrainConfig(batch_size=cfg.batch_size, lr=lr or cfg.lr, weight_decay=cfg.weight_decay, loss=cfg.loss,
                        num_negatives=cfg.negatives, lambda_c=cfg.lambda_c, lambda_lb=cfg.lambda_lb,

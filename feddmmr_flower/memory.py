@@ -172,17 +172,25 @@ class LocalDynamicMemory:
         return {key: getattr(self, key)[row].numpy().copy() for key in STATE_KEYS}
 
     def load_state(self, arrays: dict[str, np.ndarray], row: int = 0) -> None:
+        """Restore one user's memory; everything is checked before anything is written."""
         missing = [k for k in STATE_KEYS if k not in arrays]
         if missing:
             raise ValueError(f"memory state lacks {missing}")
+        values = {}
         for key in STATE_KEYS:
-            target = getattr(self, key)
-            value = torch.as_tensor(np.asarray(arrays[key]), dtype=target.dtype)
-            if value.numel() == target[row].numel() and value.dim() <= 1:
-                value = value.reshape(target[row].shape)  # transports may turn scalars into [1]
-            if value.shape != target[row].shape:
-                raise ValueError(f"memory state {key!r} has shape {tuple(value.shape)}, expected {tuple(target[row].shape)}")
-            target[row] = value
+            target = getattr(self, key)[row]
+            value = np.asarray(arrays[key])
+            if value.size == target.numel() and value.ndim <= 1:
+                value = value.reshape(tuple(target.shape))  # transports may turn scalars into [1]
+            if value.shape != tuple(target.shape):
+                raise ValueError(f"memory state {key!r} has shape {value.shape}, expected {tuple(target.shape)}")
+            if not target.is_floating_point() and not np.issubdtype(value.dtype, np.integer):
+                raise ValueError(f"memory state {key!r} must hold integers, got {value.dtype}")
+            if target.is_floating_point() and not np.isfinite(value).all():
+                raise ValueError(f"memory state {key!r} contains NaN/Inf")
+            values[key] = torch.as_tensor(value, dtype=target.dtype)
+        for key, value in values.items():
+            getattr(self, key)[row] = value
 
     @classmethod
     def single(cls, config: MemoryConfig | None = None, arrays: dict[str, np.ndarray] | None = None) -> "LocalDynamicMemory":

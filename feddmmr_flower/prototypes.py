@@ -47,6 +47,7 @@ def local_prototypes(
     keep = sizes >= config.min_cluster_size
     centroids = kmeans.cluster_centers_[keep]
     if config.noise_std > 0:
-        rng = rng or np.random.default_rng(config.seed)
+        # Fresh OS entropy, never the run seed: noise a server could regenerate protects nothing.
+        rng = rng or np.random.default_rng()
         centroids = centroids + rng.normal(0.0, config.noise_std, centroids.shape)
     return centroids.astype(np.float32), sizes[keep].astype(np.float32)

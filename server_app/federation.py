@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from feddmmr_flower.config import ExperimentConfig
 from feddmmr_flower.data.sequences import atomic_write_json
 from feddmmr_flower.errors import ConfigError
-from feddmmr_flower.experiment import load_data, model_config
+from feddmmr_flower.experiment import load_data, load_weights, model_config
 from feddmmr_flower.models.feddmmr import FedDMMR
 from feddmmr_flower.plots import plot_curves
 from feddmmr_flower.stages import StageSchedule, trainable_names
@@ -58,7 +58,8 @@ class FederatedRun:
         torch.manual_seed(cfg.seed)
         self.model = FedDMMR(model_config(cfg, data))
         if cfg.init_from:
-            self._init_from(Path(cfg.init_from))
+            fresh = load_weights(self.model, cfg.init_from)
+            _say(f"[feddmmr] init-from {cfg.init_from} ({len(fresh)} tensors kept from a fresh model)")
         self.out = Path(cfg.output_dir) / (cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S"))
         self.out.mkdir(parents=True, exist_ok=True)
         self.history: list[dict] = []
@@ -79,14 +80,6 @@ class FederatedRun:
             self._resume(Path(cfg.resume_from))
 
     # ------------------------------------------------------------ set-up
-    def _init_from(self, path: Path) -> None:
-        if not path.is_file():
-            raise ConfigError(f"init-from: checkpoint {path} not found")
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-        missing = self.model.load_state_dict(state, strict=False)
-        _say(f"[feddmmr] init-from {path}: loaded {len(state)} tensors "
-             f"({len(missing.missing_keys)} kept from a fresh model)")
-
     def _resume(self, path: Path) -> None:
         path = path / "last.pt" if path.is_dir() else path
         if not path.is_file():

@@ -7,6 +7,7 @@ import os
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from feddmmr_flower.data.readers import ML100K_GENRES
@@ -105,3 +106,20 @@ def ml100k_zip(tmp_path: Path, tiny_ml100k: Path) -> tuple[Path, str]:
         "ml-100k/u.item": (tiny_ml100k / "u.item").read_bytes(),
         "ml-100k/README": b"tiny test archive\n",
     })
+
+
+def synthetic_ml100k(folder: Path, users: int = 20, items: int = 80, per_user: int = 25) -> Path:
+    rng = np.random.default_rng(0)
+    ratings = []
+    for user in range(1, users + 1):
+        chosen = rng.choice(np.arange(1, items + 1), per_user, replace=False)
+        for step, item in enumerate(chosen):
+            ratings.append((user, int(item), 4, 880000000 + 1000 * step))
+    titles = {i: f"Movie number {i} (199{i % 10})" for i in range(1, items + 1)}
+    return write_ml100k(folder, ratings, titles)
+
+
+@pytest.fixture
+def small_ml100k(tmp_path: Path) -> Path:
+    """20 users x 25 ratings over 80 items: enough never-seen items for 20 evaluation negatives."""
+    return synthetic_ml100k(tmp_path / "small-ml100k")

@@ -12,6 +12,15 @@ from feddmmr_flower.prototypes import PrototypeConfig, local_prototypes
 from feddmmr_flower.train import memory_prototypes
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest and avoids OpenMP spin contention on busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def write(memory: LocalDynamicMemory, items, positions, loss, rows=(0,)) -> dict:
     t = lambda x, dt: torch.tensor(x, dtype=dt)  # noqa: E731
     return memory.write(torch.tensor(rows), t(items, torch.int64), t(positions, torch.int64), t(loss, torch.float32))
@@ -265,8 +274,6 @@ def test_memory_prototypes_live_in_the_id_text_image_space() -> None:
     assert empty.shape == (0, model.config.prototype_dim) and empty_sizes.shape == (0,)
 
 
-@pytest.mark.xfail(strict=True, reason="memory.py load_state assigns key by key while validating: a bad later "
-                   "key leaves the earlier ones already overwritten (not all-or-nothing)")
 def test_a_refused_state_leaves_the_memory_untouched() -> None:
     """A state refused with ValueError must not half-load: the memory keeps its previous content
     (as ``stages.load_arrays`` does for model tensors)."""
@@ -278,3 +285,22 @@ def test_a_refused_state_leaves_the_memory_untouched() -> None:
     with pytest.raises(ValueError, match="surprise"):
         memory.load_state(bad)
     assert np.array_equal(memory.state_arrays(0)["item"], before["item"])
+
+
+def test_prototype_noise_is_not_the_same_for_every_client() -> None:
+    """Privacy noise only protects if the server cannot predict it: two clients releasing
+    prototypes through ``memory_prototypes`` with the run's PrototypeConfig must not add the
+    identical noise vector."""
+    torch.manual_seed(0)
+    model = FedDMMR(FedDMMRConfig(num_items=30, hidden=16, maxlen=12, num_blocks=1, dropout=0.0))
+    rng = np.random.default_rng(0)
+    model.set_features(rng.normal(size=(31, 512)), np.ones(31, bool), rng.normal(size=(31, 384)), np.ones(31, bool))
+    memory = LocalDynamicMemory(2, MemoryConfig(capacity=12, topk=6, surprise_threshold=0.0, max_writes=12))
+    write(memory, [list(range(1, 7)), list(range(11, 17))], [list(range(1, 7))] * 2, [[1.0, 2.0] * 3] * 2,
+          rows=(0, 1))
+    clean_cfg = PrototypeConfig(num_prototypes=1, min_cluster_size=2)
+    noisy_cfg = PrototypeConfig(num_prototypes=1, min_cluster_size=2, noise_std=0.1)
+    offsets = [memory_prototypes(model, memory, row, noisy_cfg)[0] - memory_prototypes(model, memory, row, clean_cfg)[0]
+               for row in (0, 1)]
+    assert offsets[0].shape == offsets[1].shape == (1, model.config.prototype_dim)
+    assert not np.allclose(offsets[0], offsets[1], rtol=0, atol=1e-5)  # atol: float32 rounding of the centroids

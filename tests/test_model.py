@@ -23,6 +23,15 @@ NO_IMAGE = (3, 7, 11)  # items without a poster
 NO_TEXT = (5, 7, 13)  # items without a text (7 has neither)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest and avoids OpenMP spin contention on busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------- helpers
 def tiny_data(num_users: int = 6, seed: int = 0, min_len: int = 8, max_len: int = 14) -> SequenceData:
     """Users with *distinct* items (no repeats), lengths in [min_len, max_len]."""
@@ -356,3 +365,23 @@ def test_align_stage_loss_needs_features_and_reaches_only_projections() -> None:
     assert model.proj_vis.weight.grad.abs().sum() > 0 and model.proj_txt.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="no item"):
         model.align_stage_loss(torch.tensor([[0, 7]]))  # item 7 has neither text nor image
+
+
+def test_prefix_scores_stay_exact_for_a_large_attention_scale() -> None:
+    """``attention_scale`` is a config field: the closed form must match the direct computation
+    (``expert_terms`` with the same visible count) for any temperature, e.g. 30."""
+    torch.manual_seed(0)
+    model = FedDMMR(FedDMMRConfig(num_items=NUM_ITEMS, hidden=HIDDEN, maxlen=MAXLEN, num_blocks=1, dropout=0.0,
+                                  expert_heads=2, attention_scale=30.0))
+    rng = np.random.default_rng(0)
+    ok = np.r_[False, np.ones(NUM_ITEMS, bool)]
+    model.set_features(unit_rows(rng, NUM_ITEMS + 1, 512), ok, unit_rows(rng, NUM_ITEMS + 1, 384), ok)
+    randomise_norms(model)
+    items = torch.arange(1, 31).view(3, 10)
+    cands = torch.arange(1, 31).expand(3, 30)
+    with torch.no_grad():
+        slots = model.slots(items, torch.arange(1, 11).expand(3, 10).contiguous(), None)
+        prefix = model.expert_prefix_terms(cands, slots)
+        for k in range(11):
+            direct = model.expert_terms(cands, slots, torch.full(cands.shape, k))[0]
+            torch.testing.assert_close(prefix[..., k], direct, atol=1e-4, rtol=0)

@@ -9,29 +9,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from feddmmr_flower.config import ExperimentConfig
 from feddmmr_flower.experiment import load_assets
 
-from .conftest import write_ml100k
+from .conftest import synthetic_ml100k
 from .flwr_utils import copy_app, flwr_run
 
 pytestmark = pytest.mark.slow
 NUM_USERS = 20
 NAN_PARTITION = 3
-
-
-def synthetic_ml100k(folder: Path, users: int = NUM_USERS, items: int = 80, per_user: int = 25) -> Path:
-    rng = np.random.default_rng(0)
-    ratings = []
-    for user in range(1, users + 1):
-        chosen = rng.choice(np.arange(1, items + 1), per_user, replace=False)
-        for step, item in enumerate(chosen):
-            ratings.append((user, int(item), 4, 880000000 + 1000 * step))
-    titles = {i: f"Movie number {i} (199{i % 10})" for i in range(1, items + 1)}
-    return write_ml100k(folder, ratings, titles)
 
 
 @pytest.fixture(scope="module")

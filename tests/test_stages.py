@@ -20,6 +20,15 @@ NUM_ITEMS, HIDDEN, MAXLEN = 30, 16, 12
 PROJECTIONS = {"proj_vis.weight", "proj_vis.bias", "proj_txt.weight", "proj_txt.bias"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest and avoids OpenMP spin contention on busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_data(num_users: int = 8, seed: int = 0) -> SequenceData:
     """Users with distinct items (no repeats), sequence lengths 8..14."""
     rng = np.random.default_rng(seed)

@@ -116,8 +116,8 @@ class MemoryExpert(nn.Module):
     def forward(self, queries: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """Outputs [B, Q, D] for queries [B, Q, D] over slots [B, S, D] with ``visible`` [B, Q, S]."""
         logits, values = self._logits(queries, slots)
-        weights = torch.exp(logits - self.scale) * visible[:, :, None, :]
-        weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-30)
+        logits = logits.masked_fill(~visible[:, :, None, :], -math.inf)
+        weights = torch.softmax(logits, -1).nan_to_num(0.0)  # no visible slot: output 0
         out = torch.einsum("bqhs,bshd->bqhd", weights, values)
         return out.flatten(-2)
 
@@ -132,14 +132,17 @@ class MemoryExpert(nn.Module):
         matrix). Cost O(B·Q·H·S²) scalars instead of O(B·Q·S·D) vectors.
         """
         logits, values = self._logits(queries, slots)  # [B,Q,H,S], [B,S,H,dh]
+        # float64: a prefix may hold only slots far below the row's best logit (exp(-2·scale)),
+        # and its squared weights must not underflow. These tensors are small ([B, Q, H, S]).
+        logits, values, emb = logits.double(), values.double(), emb.double()
         w = torch.exp(logits - self.scale) * usable[:, None, None, :]
-        heads, dim = self.heads, queries.shape[-1]
-        u = self._heads(norm.weight * emb)  # γ⊙e per head [B, Q, H, dh]
+        dim = queries.shape[-1]
+        u = self._heads(norm.weight.double() * emb)  # γ⊙e per head [B, Q, H, dh]
 
         def prefix(x: torch.Tensor) -> torch.Tensor:  # Σ_{s<k} x_s for k = 0..S
             return F.pad(torch.cumsum(x, -1), (1, 0))
 
-        den = prefix(w).clamp(min=1e-30)
+        den = prefix(w).clamp(min=1e-300)
         vu = torch.einsum("bshd,bqhd->bqhs", values, u)
         x_dot_u = (prefix(w * vu) / den).sum(2)  # (γ⊙e)·x  [B, Q, S+1]
         mean = (prefix(w * values.sum(-1).transpose(1, 2)[:, None]) / den).sum(2) / dim
@@ -147,12 +150,12 @@ class MemoryExpert(nn.Module):
         lower = torch.ones(gram.shape[-1], gram.shape[-1], dtype=torch.bool, device=gram.device).tril(-1)
         cross = torch.einsum("bqht,bhst->bqhs", w, gram * lower)  # Σ_{t<s} w_t G_st
         diag = torch.diagonal(gram, dim1=-2, dim2=-1)[:, None]  # [B, 1, H, S]
-        sq = prefix(2 * w * cross + w * w * diag) / (den * den).clamp(min=1e-30)  # Σ_d x_h,d² per head
+        sq = prefix(2 * w * cross + w * w * diag) / (den * den).clamp(min=1e-300)  # Σ_d x_h,d² per head
         mean_sq = sq.sum(2) / dim
         var = (mean_sq - mean * mean).clamp(min=0)
         u_sum = u.sum((-1, -2))[..., None]
-        beta_e = (norm.bias * emb).sum(-1)[..., None]
-        return (x_dot_u - mean * u_sum) / torch.sqrt(var + norm.eps) + beta_e
+        beta_e = (norm.bias.double() * emb).sum(-1)[..., None]
+        return ((x_dot_u - mean * u_sum) / torch.sqrt(var + norm.eps) + beta_e).float()
 
 
 class FedDMMR(nn.Module):

@@ -47,9 +47,13 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         batch, length, hidden = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed[:, None], dropout_p=self.dropout if self.training else 0.0
-        )
+        if self.training and self.dropout > 0:
+            # Written out: on CPU, SDPA with dropout is ~5x slower than these four ops (measured).
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            weights = torch.softmax(scores.masked_fill(~allowed[:, None], -math.inf), dim=-1)
+            y = F.dropout(weights, self.dropout, training=True) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
         return self.out(y.transpose(1, 2).reshape(batch, length, hidden))
 
 
