@@ -71,7 +71,7 @@ class ExperimentConfig:
     fraction_train: float = 0.1
     local_epochs: int = 1
     client_lr: float = 0.05  # plain SGD on the client (see DESIGN §4 optimisation note)
-    server_lr: float = 1e-3  # FedAdam/FedYogi/FedAdagrad eta, FedAvgM server learning rate
+    server_lr: float = 1e-2  # FedAdam/FedYogi/FedAdagrad eta, FedAvgM server learning rate
     proximal_mu: float = 0.0  # FedProx
     min_available_nodes: int = 2
     eval_users: int = 200  # fixed validation sample every eval-every rounds (0: all users)

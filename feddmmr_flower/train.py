@@ -235,6 +235,13 @@ def model_scorer(model: FedDMMR, memory: LocalDynamicMemory | None = None,
     return score
 
 
+def command_line() -> str:
+    """The command as a person would type it again (program name without its install path)."""
+    import shlex
+
+    return " ".join([Path(sys.argv[0]).name, *(shlex.quote(a) for a in sys.argv[1:])])
+
+
 def machine_description() -> dict:
     return {
         "python": platform.python_version(),
@@ -378,4 +385,4 @@ def save_checkpoint(path: Path, model: FedDMMR, memory: LocalDynamicMemory | Non
 
 
 def result_payload(result: CentralResult) -> dict:
-    return {"command": " ".join(sys.argv), "machine": machine_description(), **asdict(result)}
+    return {"command": command_line(), "machine": machine_description(), **asdict(result)}

@@ -88,7 +88,7 @@ class FederatedRun:
         if state["experiment"]["stage-schedule"] != self.cfg.stage_schedule:
             raise ConfigError(f"resume-from: {path} was made with stage-schedule "
                               f"{state['experiment']['stage-schedule']!r}, this run has {self.cfg.stage_schedule!r}")
-        self.arrays = ArrayRecord({k: v.numpy() for k, v in state["state_dict"].items()})
+        self.arrays = ArrayRecord(state["state_dict"])  # a torch state_dict
         self.strategy.restore_state(pickle.loads(state["strategy"]))
         self.history = state["history"]
         self.start_round = int(state["round"]) + 1

@@ -123,3 +123,32 @@ def synthetic_ml100k(folder: Path, users: int = 20, items: int = 80, per_user: i
 def small_ml100k(tmp_path: Path) -> Path:
     """20 users x 25 ratings over 80 items: enough never-seen items for 20 evaluation negatives."""
     return synthetic_ml100k(tmp_path / "small-ml100k")
+
+
+def distinct_item_data(num_users: int = 6, num_items: int = 30, seed: int = 0, min_len: int = 8,
+                       max_len: int = 14):
+    """A SequenceData whose users have *distinct* items (no repeats), lengths in [min_len, max_len]."""
+    from feddmmr_flower.data.sequences import SequenceData
+
+    rng = np.random.default_rng(seed)
+    seqs = [rng.choice(np.arange(1, num_items + 1), size=int(rng.integers(min_len, max_len + 1)), replace=False)
+            for _ in range(num_users)]
+    items = np.concatenate(seqs).astype(np.int32)
+    ids = np.array([""] + [f"i{i}" for i in range(1, num_items + 1)])
+    return SequenceData(
+        items=items, timestamps=np.arange(len(items), dtype=np.int64),
+        offsets=np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64),
+        user_raw_ids=np.array([f"u{u}" for u in range(num_users)]), item_raw_ids=ids,
+        item_titles=ids.copy(), item_genres=np.array([""] * (num_items + 1)),
+    )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one intra-op thread is fastest and avoids OpenMP spin contention on busy cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

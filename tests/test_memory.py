@@ -11,14 +11,7 @@ from feddmmr_flower.models.feddmmr import FedDMMR, FedDMMRConfig
 from feddmmr_flower.prototypes import PrototypeConfig, local_prototypes
 from feddmmr_flower.train import memory_prototypes
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and avoids OpenMP spin contention on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write(memory: LocalDynamicMemory, items, positions, loss, rows=(0,)) -> dict:

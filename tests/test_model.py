@@ -18,34 +18,18 @@ from feddmmr_flower.models.feddmmr import FedDMMR, FedDMMRConfig, info_nce
 from feddmmr_flower.stages import apply_stage
 from feddmmr_flower.train import TrainConfig, batch_loss, make_batch, memory_slots, refresh_memory, train_epoch
 
+from .conftest import distinct_item_data
+
 NUM_ITEMS, HIDDEN, MAXLEN = 30, 16, 12
 NO_IMAGE = (3, 7, 11)  # items without a poster
 NO_TEXT = (5, 7, 13)  # items without a text (7 has neither)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and avoids OpenMP spin contention on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- helpers
 def tiny_data(num_users: int = 6, seed: int = 0, min_len: int = 8, max_len: int = 14) -> SequenceData:
-    """Users with *distinct* items (no repeats), lengths in [min_len, max_len]."""
-    rng = np.random.default_rng(seed)
-    seqs = [rng.choice(np.arange(1, NUM_ITEMS + 1), size=int(rng.integers(min_len, max_len + 1)), replace=False)
-            for _ in range(num_users)]
-    items = np.concatenate(seqs).astype(np.int32)
-    ids = np.array([""] + [f"i{i}" for i in range(1, NUM_ITEMS + 1)])
-    return SequenceData(
-        items=items, timestamps=np.arange(len(items), dtype=np.int64),
-        offsets=np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64),
-        user_raw_ids=np.array([f"u{u}" for u in range(num_users)]), item_raw_ids=ids,
-        item_titles=ids.copy(), item_genres=np.array([""] * (NUM_ITEMS + 1)),
-    )
+    return distinct_item_data(num_users, NUM_ITEMS, seed, min_len, max_len)
 
 
 def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:

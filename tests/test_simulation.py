@@ -41,8 +41,8 @@ def simulation_run(tmp_path_factory) -> dict:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (out / "summary.json").is_file(), done.stdout[-3000:] + done.stderr[-3000:]
     history = json.loads((out / "history.json").read_text())["rounds"]
-    return {"out": out, "history": history, "log": done.stdout + done.stderr,
-            "summary": json.loads((out / "summary.json").read_text())}
+    return {"out": out, "history": history, "log": done.stdout + done.stderr, "root": root, "app": app,
+            "config": config, "summary": json.loads((out / "summary.json").read_text())}
 
 
 def test_history_has_one_record_per_round(simulation_run):
@@ -89,3 +89,17 @@ def test_outputs_and_final_test_on_all_users(simulation_run):
     for protocol in ("sampled", "full"):
         assert 0.0 <= test[protocol]["NDCG@10"] <= test[protocol]["HR@10"] <= 1.0
     assert "round 2/2 [align]" in simulation_run["log"]
+
+
+def test_resume_from_a_finished_run_adds_no_round(simulation_run):
+    """resume-from restores model, strategy state and history from last.pt and goes on from there."""
+    root = simulation_run["root"]
+    config = {**simulation_run["config"], "resume-from": str(simulation_run["out"])}
+    done = flwr_run(simulation_run["app"], root / "flwr-home-resume", config,
+                    f"num-supernodes={NUM_USERS} client-resources-num-cpus=1", timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "resuming" in log and "after round 2 of 2" in log
+    assert "round 1/2" not in log.split("resuming", 1)[1]
+    history = json.loads((simulation_run["out"] / "history.json").read_text())["rounds"]
+    assert [r["round"] for r in history] == [1, 2]

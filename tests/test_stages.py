@@ -16,32 +16,16 @@ from feddmmr_flower.models.feddmmr import FedDMMR, FedDMMRConfig
 from feddmmr_flower.stages import StageSchedule, apply_stage, load_arrays, trainable_names, trainable_state
 from feddmmr_flower.train import TrainConfig, refresh_memory, train_central, train_epoch
 
+from .conftest import distinct_item_data
+
 NUM_ITEMS, HIDDEN, MAXLEN = 30, 16, 12
 PROJECTIONS = {"proj_vis.weight", "proj_vis.bias", "proj_txt.weight", "proj_txt.bias"}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and avoids OpenMP spin contention on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_data(num_users: int = 8, seed: int = 0) -> SequenceData:
-    """Users with distinct items (no repeats), sequence lengths 8..14."""
-    rng = np.random.default_rng(seed)
-    seqs = [rng.choice(np.arange(1, NUM_ITEMS + 1), size=int(rng.integers(8, 15)), replace=False)
-            for _ in range(num_users)]
-    items = np.concatenate(seqs).astype(np.int32)
-    ids = np.array([""] + [f"i{i}" for i in range(1, NUM_ITEMS + 1)])
-    return SequenceData(
-        items=items, timestamps=np.arange(len(items), dtype=np.int64),
-        offsets=np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64),
-        user_raw_ids=np.array([f"u{u}" for u in range(num_users)]), item_raw_ids=ids,
-        item_titles=ids.copy(), item_genres=np.array([""] * (NUM_ITEMS + 1)),
-    )
+    return distinct_item_data(num_users, NUM_ITEMS, seed)
 
 
 def tiny_model(variant: str = "full", seed: int = 0) -> FedDMMR:
