@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Centralized baselines on ML-100K (DATA=folder with u.data/u.item; SHARED=folder with
 # ml-100k-llm/ and ml-1m/ for the text descriptions and posters). Each run writes
-# benchmarks/results/central_<variant>_ml100k.json with the exact command inside.
+# benchmarks/results/central_<variant>[TAG]_ml100k.json with the exact command inside; EXTRA adds
+# flags (e.g. EXTRA="--lr 0.0002" TAG=_lr2e-4).
 set -euo pipefail
 DATA=${DATA:-data/ml-100k}
 SHARED=${SHARED:-../shared/data}
@@ -19,6 +20,7 @@ case "$which" in
       --descriptions "$SHARED/ml-100k-llm/item_descriptions.json" \
       --visual-features --posters-dir "$SHARED/ml-1m/posters" --movies-dat "$SHARED/ml-1m/movies.dat" \
       --stage-schedule "${SCHEDULE:-align:5,finetune:60}" --eval-every 5 --patience 4 \
-      --run-name "central-$which" --results-json "benchmarks/results/central_${which}_ml100k.json" ;;
+      --run-name "central-$which${TAG:-}" --results-json "benchmarks/results/central_${which}${TAG:-}_ml100k.json" \
+      ${EXTRA:-} ;;
   *) echo "usage: $0 [sasrec|full|no-proto|no-contrast]" >&2; exit 2 ;;
 esac

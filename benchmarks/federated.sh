@@ -6,6 +6,7 @@
 set -euo pipefail
 name=$1; shift
 overrides=${1:-}
+invocation="DATA=${DATA:-data/ml-100k} SHARED=${SHARED:-../shared/data} benchmarks/federated.sh $name '${1:-}'"
 DATA=$(realpath "${DATA:-data/ml-100k}")
 SHARED=$(realpath "${SHARED:-../shared/data}")
 NODES=${NODES:-943}
@@ -22,19 +23,25 @@ printf '%q ' "${cmd[@]}" > "outputs/fed-$name.command"
 (cd "$app" && "${cmd[@]}")
 # flwr run leaves its local SuperLink running: stop it (and its children).
 pkill -f "$FLWR_HOME" || true
-python - "$name" <<'PY'
-import json, platform, sys
+python - "$name" "$invocation" "$PWD" "$DATA" "$SHARED" <<'PY'
+import json, os, sys
 from pathlib import Path
 from feddmmr_flower.train import machine_description
-name = sys.argv[1]
+name, invocation, repo, data, shared = sys.argv[1:6]
+
+def relative(text: str) -> str:  # no machine-specific paths in committed results
+    for absolute in sorted({data, shared, repo}, key=len, reverse=True):
+        text = text.replace(absolute, os.path.relpath(absolute, repo))
+    return text
+
 run = Path("outputs") / f"fed-{name}"
 summary = json.loads((run / "summary.json").read_text())
 config = json.loads((run / "config.json").read_text())
 history = json.loads((run / "history.json").read_text())["rounds"]
 curve = [{"round": r["round"], "stage": r["stage"], "valid_NDCG@10": r["valid"].get("NDCG@10")} for r in history if r["valid"]]
-out = {"command": (Path("outputs") / f"fed-{name}.command").read_text().strip(), "machine": machine_description(),
-       "config": config, **summary, "validation_curve": curve}
+out = {"command": invocation, "flwr_command": (Path("outputs") / f"fed-{name}.command").read_text().strip(),
+       "machine": machine_description(), "config": config, **summary, "validation_curve": curve}
 Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
-Path(f"benchmarks/results/federated_{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+Path(f"benchmarks/results/federated_{name}.json").write_text(relative(json.dumps(out, indent=2)) + "\n")
 print(f"wrote benchmarks/results/federated_{name}.json")
 PY

@@ -72,6 +72,7 @@ class ExperimentConfig:
     local_epochs: int = 1
     client_lr: float = 0.05  # plain SGD on the client (see DESIGN §4 optimisation note)
     server_lr: float = 1e-2  # FedAdam/FedYogi/FedAdagrad eta, FedAvgM server learning rate
+    server_tau: float = 1e-9  # FedAdam/FedYogi/FedAdagrad epsilon; Flower's 1e-3 swamps one-step client updates
     proximal_mu: float = 0.0  # FedProx
     min_available_nodes: int = 2
     eval_users: int = 200  # fixed validation sample every eval-every rounds (0: all users)
@@ -105,7 +106,7 @@ class ExperimentConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{kebab(name)} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "client_lr", "server_lr"):
+        for name in ("lr", "client_lr", "server_lr", "server_tau"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{kebab(name)} must be > 0, got {getattr(self, name)}")
         if not 0 < self.fraction_train <= 1:

@@ -46,7 +46,7 @@ def plot_curves(runs: dict[str, Sequence[dict]], path: Path, x: str = "round") -
             ax_val.plot(xs, [r["valid"].get("NDCG@10", float("nan")) for r in evaluated], marker=".", label=f"{label} NDCG@10")
             ax_val.plot(xs, [r["valid"].get("HR@10", float("nan")) for r in evaluated], linestyle="--", label=f"{label} HR@10")
         xs = [r[x] for r in history]
-        ax_loss.plot(xs, [r.get("train", {}).get("rec", r.get("train", {}).get("loss", float("nan"))) for r in history], label=label)
+        ax_loss.plot(xs, [r.get("train", {}).get("rec", float("nan")) for r in history], label=label)
         ax_mem.plot(xs, [r.get("train", {}).get("memory-size", float("nan")) for r in history], label=label)
         ax_time.plot(xs, [r.get("seconds", float("nan")) for r in history], label=label)
     titles = ("validation (sampled protocol)", "training loss (recommendation part)",

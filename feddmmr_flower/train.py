@@ -8,6 +8,7 @@ shuffled batches. Every position of a sequence is trained at once (next-item pre
 from __future__ import annotations
 
 import copy
+import os
 import platform
 import sys
 import time
@@ -239,7 +240,9 @@ def command_line() -> str:
     """The command as a person would type it again (program name without its install path)."""
     import shlex
 
-    return " ".join([Path(sys.argv[0]).name, *(shlex.quote(a) for a in sys.argv[1:])])
+    program = sys.argv[0]
+    program = os.path.relpath(program) if program.endswith(".py") else Path(program).name
+    return " ".join([program, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 def machine_description() -> dict:

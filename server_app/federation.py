@@ -69,7 +69,8 @@ class FederatedRun:
             schedule=self.schedule, base=cfg.strategy,
             base_kwargs=dict(fraction_train=cfg.fraction_train, fraction_evaluate=0.0,
                              min_available_nodes=cfg.min_available_nodes, min_train_nodes=1,
-                             eta=cfg.server_lr, eta_l=cfg.client_lr, server_learning_rate=cfg.server_lr,
+                             eta=cfg.server_lr, eta_l=cfg.client_lr, tau=cfg.server_tau,
+                             server_learning_rate=cfg.server_lr,
                              proximal_mu=cfg.proximal_mu),
             trainable_names=lambda stage: trainable_names(self.model, stage),
             num_prototypes=cfg.num_prototypes, prototype_ema=cfg.prototype_ema, prototype_seed=cfg.seed,
@@ -166,7 +167,8 @@ class FederatedRun:
         _save_pt(self.out / "last.pt", _model_payload(
             self.cfg, self.model, self.arrays, self.strategy.prototypes, round=rnd, history=self.history,
             strategy=pickle.dumps(self.strategy.checkpoint_state())))
-        plot_curves({self.out.name: self.history}, self.out / "curves.png")
+        if valid is not None or rnd == segment.last_round:  # a plot costs ~0.3 s: not every round
+            plot_curves({self.out.name: self.history}, self.out / "curves.png")
 
     def _finish(self, seconds: float) -> dict:
         best = self.strategy.best
