@@ -17,6 +17,13 @@ def _fmt(value, digits: int = 4) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _central_label(path: Path) -> str:
+    """central_full_lr2e-4_ml100k.json -> 'full, finetune lr 2e-4'."""
+    tag = path.stem[len("central_"):].removesuffix("_ml100k")
+    variant, _, extra = tag.partition("_")
+    return variant + (f", finetune {extra.replace('lr', 'lr ')}" if extra else "")
+
+
 def quality_rows() -> list[str]:
     rows = []
     for path in sorted(RESULTS.glob("central_*.json")) + sorted(RESULTS.glob("federated_*.json")):
@@ -24,8 +31,7 @@ def quality_rows() -> list[str]:
         test = data.get("test", {})
         sampled, full = test.get("sampled", {}), test.get("full", {})
         if path.name.startswith("central_"):
-            exp = data["config"].get("experiment", {})
-            setting = f"central, {exp.get('variant', '?')}"
+            setting = "central, " + _central_label(path)
             best = f"epoch {data.get('best_epoch')} ({data.get('best_stage')})"
         else:
             exp = data["config"]["experiment"]
@@ -43,11 +49,26 @@ def bucket_rows() -> list[str]:
     for path in sorted(RESULTS.glob("central_*.json")):
         data = json.loads(path.read_text())
         buckets = data.get("test_by_history_length", {})
-        variant = data["config"].get("experiment", {}).get("variant", "?")
+        variant = _central_label(path)
         cells = [f"{_fmt(b['sampled']['NDCG@10'])} / {_fmt(b['full']['NDCG@10'])} (n={b['num_users']})"
                  for b in buckets.values()]
         if cells:
             rows.append(f"| central {variant} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def federated_speed_rows(parallel: int = 2) -> list[str]:
+    """Mean round time and the share of it outside client training (clients run ``parallel`` at a time)."""
+    rows = []
+    for path in sorted(RESULTS.glob("federated_*.json")):
+        data = json.loads(path.read_text())
+        round_s, client_s = data.get("mean_round_seconds"), data.get("mean_client_train_seconds_per_round")
+        if not round_s or client_s is None:
+            continue
+        outside = 1.0 - min(1.0, client_s / parallel / round_s)
+        exp = data["config"]["experiment"]
+        rows.append(f"| {exp['strategy']}, {exp['variant']} | {data.get('rounds')} | {round_s:.2f} | "
+                    f"{client_s / parallel:.2f} | {outside:.0%} |")
     return rows
 
 
@@ -74,6 +95,12 @@ def render() -> str:
     if buckets:
         lines += ["", "Test NDCG@10 (sampled / full) by training-history length:", "",
                   "| model | ≤ 50 items | 51–150 | > 150 |", "|---|---|---|---|", *buckets]
+    fed = federated_speed_rows()
+    if fed:
+        lines += ["", "Federated round time (Ray simulation, 94 clients per round, 2 ClientApps at a time; "
+                  "client time = summed client training seconds / 2):", "",
+                  "| run | rounds | s / round | client training s / round | outside client training |",
+                  "|---|---|---|---|---|", *fed]
     speed = throughput_rows()
     if speed:
         lines += ["", "Training throughput, user sequences per second (2 CPU cores):", "",

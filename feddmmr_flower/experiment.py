@@ -8,6 +8,7 @@ process: a Flower worker serving many clients loads the dataset and features onc
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +33,22 @@ class Assets:
     features: dict  # kind -> FeatureTable
 
 
+def resolve_path(value: str) -> Path:
+    """Relative paths of a run config resolve against ``$FEDDMMR_HOME`` when set, else the
+    working directory (for ``flwr run .``: the directory it was started from)."""
+    path = Path(value).expanduser()
+    if not path.is_absolute() and os.environ.get("FEDDMMR_HOME"):
+        path = Path(os.environ["FEDDMMR_HOME"]).expanduser() / path
+    return path
+
+
 def _path(value: str) -> Path | None:
-    return Path(value).expanduser() if value else None
+    return resolve_path(value) if value else None
 
 
 def load_data(cfg: ExperimentConfig) -> tuple[SequenceData, Path]:
     options = PrepareOptions(cfg.dataset, cfg.top_users or None, cfg.min_seq_len)
-    return prepare_dataset(options, Path(cfg.data_dir).expanduser(), Path(cfg.cache_dir).expanduser(),
+    return prepare_dataset(options, resolve_path(cfg.data_dir), resolve_path(cfg.cache_dir),
                            items_file=_path(cfg.items_file), download_url=cfg.download_url or None, verbose=False)
 
 
@@ -49,7 +59,7 @@ def load_features(cfg: ExperimentConfig, data: SequenceData) -> dict:
     from .features import compute_item_features
 
     return compute_item_features(
-        data, Path(cfg.cache_dir).expanduser() / "features",
+        data, resolve_path(cfg.cache_dir) / "features",
         text=cfg.text_features, visual=cfg.visual_features,
         descriptions=_path(cfg.descriptions), text_model=cfg.text_model or None,
         posters_dir=_path(cfg.posters_dir), movies_dat=_path(cfg.movies_dat),

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from feddmmr_flower.config import ExperimentConfig
 from feddmmr_flower.data.sequences import atomic_write_json
 from feddmmr_flower.errors import ConfigError
-from feddmmr_flower.experiment import load_data, load_weights, model_config
+from feddmmr_flower.experiment import load_data, load_weights, model_config, resolve_path
 from feddmmr_flower.models.feddmmr import FedDMMR
 from feddmmr_flower.plots import plot_curves
 from feddmmr_flower.stages import StageSchedule, trainable_names
@@ -60,7 +60,7 @@ class FederatedRun:
         if cfg.init_from:
             fresh = load_weights(self.model, cfg.init_from)
             _say(f"[feddmmr] init-from {cfg.init_from} ({len(fresh)} tensors kept from a fresh model)")
-        self.out = Path(cfg.output_dir) / (cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S"))
+        self.out = resolve_path(cfg.output_dir) / (cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S"))
         self.out.mkdir(parents=True, exist_ok=True)
         self.history: list[dict] = []
         self.start_round = 1
@@ -119,7 +119,7 @@ class FederatedRun:
         total = self.schedule.total_rounds
         started = time.time()
         _say(f"[feddmmr] {len(nodes)} nodes, {total} rounds ({self.schedule}), strategy {self.cfg.strategy}, "
-             f"output {self.out}")
+             f"data {resolve_path(self.cfg.data_dir).resolve()}, output {self.out.resolve()}")
         for rnd in range(self.start_round, total + 1):
             tick = time.time()
             stage = self.strategy.stage_for_round(rnd)

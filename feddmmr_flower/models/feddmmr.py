@@ -41,13 +41,9 @@ EXPERT_NAMES = ("visual", "semantic")
 
 
 @dataclass
-class FedDMMRConfig:
-    num_items: int
-    hidden: int = 64
-    maxlen: int = 200
-    num_blocks: int = 2
-    num_heads: int = 1
-    dropout: float = 0.2
+class FedDMMRConfig(SASRecConfig):
+    """The backbone's fields plus the experts'."""
+
     variant: str = "full"
     visual_dim: int = 512
     text_dim: int = 384
@@ -59,7 +55,7 @@ class FedDMMRConfig:
             raise ValueError(f"unknown variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
         if self.hidden % self.expert_heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by expert_heads ({self.expert_heads})")
-        self.backbone()  # validates the backbone fields
+        super().__post_init__()
 
     def backbone(self) -> SASRecConfig:
         names = {f.name for f in fields(SASRecConfig)}
