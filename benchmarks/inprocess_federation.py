@@ -14,9 +14,9 @@ selecting on the validation split only.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +31,6 @@ from feddmmr_flower.train import command_line, machine_description
 
 
 def parse_run_config(text: str) -> dict:
-    import tomllib
-
     return tomllib.loads("\n".join(part for part in _split(text))) if text else {}
 
 
@@ -66,8 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="results JSON")
     parser.add_argument("--final-test", action="store_true", help="evaluate the test split on all users at the end")
     args = parser.parse_args(argv)
-    import tomllib
-
     defaults = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     cfg = ExperimentConfig.from_flat({**defaults, **parse_run_config(args.run_config)}, strict=True)
     if cfg.strategy not in ("fedavg", "fedadam"):
