@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .config import ExperimentConfig, kebab
-from .errors import FedDMMRError
+from .errors import ConfigError, FedDMMRError
 
 
 def add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
@@ -67,6 +67,10 @@ def cmd_train_central(args: argparse.Namespace) -> dict:
     from .stages import StageSchedule
     from .train import result_payload, train_central
 
+    if args.epochs is not None:
+        if args.stage_schedule is not None:
+            raise ConfigError("give either --epochs or --stage-schedule, not both")
+        args.stage_schedule = f"pretrain:{args.epochs}"
     cfg = config_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,7 +79,7 @@ def cmd_train_central(args: argparse.Namespace) -> dict:
     if cfg.init_from:
         load_weights(model, cfg.init_from)
     memory = LocalDynamicMemory(assets.data.num_users, memory_config(cfg)) if cfg.variant != "sasrec" else None
-    out = Path(cfg.output_dir) / (cfg.run_name or f"central-{cfg.dataset}-{cfg.variant}")
+    out = Path(args.out) if args.out else Path(cfg.output_dir) / (cfg.run_name or f"central-{cfg.dataset}-{cfg.variant}")
     result = train_central(model, assets.data, train_config(cfg), StageSchedule.parse(cfg.stage_schedule), memory,
                            prototype_config(cfg), out_dir=out, device=cfg.device,
                            extra_config={"experiment": cfg.flat(), "data": assets.data.stats(),
@@ -114,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     central = sub.add_parser("train-central", help="train SASRec/FedDMMR centrally through a stage schedule")
     add_config_flags(central)
+    central.add_argument("--epochs", type=int, default=None, help="shorthand for --stage-schedule pretrain:N")
+    central.add_argument("--out", default="", help="output folder (default: <output-dir>/<run-name>)")
     central.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     central.add_argument("--results-json", default="", help="also write the results JSON here (benchmarks)")
     central.set_defaults(func=cmd_train_central)

@@ -105,3 +105,14 @@ def test_train_central_writes_results(small_ml100k, tmp_path, capsys):
     assert [h["epoch"] for h in payload["history"]] == [1, 2]
     assert set(payload["test"]) == {"sampled", "full"}
     assert (tmp_path / "out" / "central-ml-100k-sasrec" / "best.pt").is_file()
+
+
+def test_train_central_epochs_and_out_shorthands(small_ml100k, tmp_path, capsys):
+    out = tmp_path / "my-run"
+    assert main(["train-central", "--dataset", "ml-100k", "--data-dir", str(small_ml100k), "--cache-dir",
+                 str(tmp_path / "cache"), "--variant", "sasrec", "--epochs", "1", "--hidden", "8", "--maxlen", "20",
+                 "--negatives", "5", "--eval-negatives", "20", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["schedule"] == "pretrain:1" and len(results["history"]) == 1
+    assert main(["train-central", "--epochs", "1", "--stage-schedule", "pretrain:1"]) == 2
+    assert "not both" in capsys.readouterr().err
