@@ -1,0 +1,1 @@
+"""Deployment helpers: TLS certificates, SuperNode keys and docker compose files (no Flower imports)."""
