@@ -1,7 +1,8 @@
-"""The ``feddmmr`` command line: prepare, features, train-central.
+"""The ``feddmmr`` command line: prepare, features, train-central, recommend, report.
 
-Every subcommand prints one JSON object on stdout (progress goes to stderr), so its output can
-be piped; bad input exits with code 2 and a one-line message naming the problem. The flags of
+prepare/features/train-central print one JSON object on stdout (progress goes to stderr), so
+their output can be piped; recommend and report print text for a person (``--json`` for the
+machine form). Bad input exits with code 2 and a one-line message naming the problem. The flags of
 ``features`` and ``train-central`` are generated from ``ExperimentConfig`` (one source of truth
 shared with the Flower run config): ``--lambda-c 0.2`` is the run-config key ``lambda-c``.
 """
@@ -95,6 +96,37 @@ def cmd_train_central(args: argparse.Namespace) -> dict:
             "train_sequences_per_s": payload["train_sequences_per_s"]}
 
 
+RUN_OVERRIDES = ("data_dir", "cache_dir", "items_file", "download_url", "descriptions", "text_model", "posters_dir",
+                 "movies_dat", "clip_pretrained", "device")
+
+
+def cmd_recommend(args: argparse.Namespace) -> dict | str:
+    from .recommend import Recommender, format_text, load_run, user_index
+
+    if (args.user is None) == (args.user_index is None):
+        raise ConfigError("give the user as --user RAW_ID (the id in your data) or --user-index N (0-based)")
+    overrides = {kebab(name): getattr(args, name) for name in RUN_OVERRIDES}
+    recommender = Recommender(load_run(args.run, args.checkpoint, overrides))
+    data = recommender.data
+    if args.user is not None:
+        index = user_index(data, args.user)
+    elif not 0 <= args.user_index < data.num_users:
+        raise ConfigError(f"--user-index {args.user_index} out of range: the dataset has {data.num_users} users")
+    else:
+        index = args.user_index
+    result = recommender.recommend(index, k=args.k, explain=args.explain, history=args.history)
+    return result if args.json else format_text(result)
+
+
+def cmd_report(args: argparse.Namespace) -> dict | str:
+    from .report import write_report
+
+    written = write_report(args.run, args.compare or [], args.out)
+    if args.json:
+        return written
+    return "\n".join([f"report: {written['report']}", *[f"plot:   {p}" for p in written["plots"]]])
+
+
 def _feature_labels(tables: dict) -> dict:
     """What the feature tables are, for results files (random-init CLIP must be visible there)."""
     return {kind: {"model": t.meta.get("model"), "pretrained": t.meta.get("pretrained"),
@@ -123,6 +155,29 @@ def build_parser() -> argparse.ArgumentParser:
     central.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     central.add_argument("--results-json", default="", help="also write the results JSON here (benchmarks)")
     central.set_defaults(func=cmd_train_central)
+
+    rec = sub.add_parser("recommend", help="top-K unseen items for one user from a saved run (--explain: why)",
+                         description="Top-K recommendations for one user from a run folder's checkpoint. The run's "
+                         "config names its dataset and features; override paths if it was made on another machine.")
+    rec.add_argument("--run", help="run folder (outputs/<run>: federated or train-central)")
+    rec.add_argument("--user", help="the user's raw id, as in your data (ML-100K: u.data column 1)")
+    rec.add_argument("--user-index", type=int, help="or the 0-based user index (= Flower partition-id)")
+    rec.add_argument("-k", "--k", type=int, default=10, help="number of recommendations (default 10)")
+    rec.add_argument("--checkpoint", default="best",
+                     help="best, last, a stage (pretrain/align/finetune: checkpoint-<stage>.pt) or a .pt path")
+    rec.add_argument("--explain", action="store_true",
+                     help="router weights and the memory items each expert read, per recommendation")
+    rec.add_argument("--history", type=int, default=10, help="how many of the user's last items to show")
+    rec.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_config_flags(rec, RUN_OVERRIDES)
+    rec.set_defaults(func=cmd_recommend)
+
+    rep = sub.add_parser("report", help="markdown summary + PNG plots of a run (or several, compared)")
+    rep.add_argument("--run", required=True, help="run folder (federated or train-central)")
+    rep.add_argument("--compare", nargs="+", metavar="RUN", help="more run folders drawn on the same plots")
+    rep.add_argument("--out", help="output folder (default <run>/report)")
+    rep.add_argument("--json", action="store_true", help="print the written paths as JSON")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 
@@ -133,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     except FedDMMRError as exc:
         print(f"feddmmr: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(payload, indent=2))
+    print(payload if isinstance(payload, str) else json.dumps(payload, indent=2))
     return 0
 
 

@@ -117,6 +117,12 @@ class MemoryExpert(nn.Module):
         out = torch.einsum("bqhs,bshd->bqhd", weights, values)
         return out.flatten(-2)
 
+    def attention(self, queries: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """The weights [B, Q, S] ``forward`` reads the slots with, averaged over heads (explanations)."""
+        logits, _ = self._logits(queries, slots)
+        logits = logits.masked_fill(~visible[:, :, None, :], -math.inf)
+        return torch.softmax(logits, -1).nan_to_num(0.0).mean(2)
+
     def prefix_scores(self, queries: torch.Tensor, slots: torch.Tensor, usable: torch.Tensor,
                       norm: nn.LayerNorm, emb: torch.Tensor) -> torch.Tensor:
         """``norm(output) · emb`` [B, Q, S + 1] when only the first k slots are visible, k = 0..S.
@@ -284,6 +290,18 @@ class FedDMMR(nn.Module):
         sem_dot = (self.norm_sem(sem) * emb).sum(-1)
         term, weights = self._fuse(cand, vis_dot, sem_dot, vis_vis.any(-1), sem_vis.any(-1))
         return term, vis, sem, weights
+
+    def explain(self, cand: torch.Tensor, slots: Slots) -> dict[str, torch.Tensor]:
+        """Why candidates [B, Q] score as they do with every slot visible: router weights [B, Q, 2]
+        (visual, semantic), each expert's attention over the slots [B, Q, S], the experts' score term [B, Q]."""
+        emb = self.item_emb(cand)
+        vis_query = self.proj_vis(self.vis_feat[cand])
+        vis_vis = slots.vis_ok[:, None, :].expand(*cand.shape, -1)
+        sem_vis = slots.txt_ok[:, None, :].expand(*cand.shape, -1)
+        term, _, _, weights = self.expert_terms(cand, slots)
+        return {"router": weights, "term": term,
+                "visual": self.vis_expert.attention(vis_query, slots.vis, vis_vis),
+                "semantic": self.sem_expert.attention(emb, slots.txt, sem_vis)}
 
     def expert_prefix_terms(self, cand: torch.Tensor, slots: Slots) -> torch.Tensor:
         """Expert terms [B, Q, S + 1] for candidates [B, Q] when the first k slots are visible."""
