@@ -249,7 +249,7 @@ class Recommender:
                 weights = why[name][0, q].cpu()
                 read = []
                 for s in torch.argsort(weights[num_protos:], descending=True).tolist():
-                    if len(read) == top_memory or weights[num_protos + s] <= 0 or slot_items[s] == 0:
+                    if len(read) == top_memory or weights[num_protos + s] < 0.005 or slot_items[s] == 0:
                         break
                     read.append(self._item(slot_items[s], attention=round(float(weights[num_protos + s]), 4)))
                 rec[f"{name}_read"] = read
