@@ -45,6 +45,10 @@ COVERED_ELSEWHERE = {
     "flwr run . --federation-config": "tests/test_readme.py::test_other_flwr_run_commands_are_valid",
     "flwr run . --run-config": "tests/test_readme.py::test_other_flwr_run_commands_are_valid",
     "docker compose": "tests/test_compose.py",
+    "docker-compose": "tests/test_compose.py",
+    "python -m deploy.compose": "tests/test_compose.py",
+    "ray ": "tests/test_ray_cluster.py",
+    "RAY_ADDRESS=": "tests/test_ray_cluster.py",
     "benchmarks/": "tests/test_readme.py::test_results_block_is_rendered_from_benchmark_results",
     "python benchmarks/render_readme.py": "tests/test_readme.py::test_results_block_is_rendered_from_benchmark_results",
 }
