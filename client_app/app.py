@@ -2,7 +2,10 @@
 
 A thin adapter: it converts Flower records to numpy values and back and calls
 ``feddmmr_flower.client``. The user's LocalDynamicMemory lives in ``context.state``
-("memory"), so it survives across rounds on the same node.
+("memory"), so it survives across rounds on the same node, and, when the node has a state
+folder (node-config ``state-dir`` or run-config ``client-state-dir``), also on node-local disk,
+so it survives a SuperNode restart. Node-local paths (``data-dir``, ``cache-dir``, …) may be set
+per node with ``--node-config``; they win over the run config, which is the same for every node.
 """
 
 from __future__ import annotations
@@ -12,9 +15,15 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from feddmmr_flower.client import runtime_for
+from feddmmr_flower.client_state import MemoryFile
 from feddmmr_flower.config import ExperimentConfig
 
-app = ClientApp()
+from .privacy_mods import privacy_mod
+
+app = ClientApp(mods=[privacy_mod])  # DP / SecAgg+ per run config (client_app/privacy_mods.py)
+
+# Settings that describe the node's own disk and hardware, not the experiment.
+NODE_LOCAL_KEYS = ("data-dir", "cache-dir", "items-file", "descriptions", "posters-dir", "movies-dat", "device")
 
 
 def _numpy(record: ArrayRecord | None) -> dict[str, np.ndarray]:
@@ -25,19 +34,41 @@ def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
 
 
+def _config(context: Context) -> ExperimentConfig:
+    node = {key: context.node_config[key] for key in NODE_LOCAL_KEYS if key in context.node_config}
+    return ExperimentConfig.from_flat({**dict(context.run_config), **node})
+
+
+def _memory_file(msg: Message, context: Context, cfg: ExperimentConfig, user: int) -> MemoryFile | None:
+    folder = str(context.node_config.get("state-dir", "") or cfg.client_state_dir)
+    if not folder:
+        return None
+    run_key = str(msg.content.config_records["config"].get("run-key", "") or f"run-{context.run_id}")
+    return MemoryFile(folder, run_key, user)
+
+
 def _inputs(msg: Message, context: Context):
-    cfg = ExperimentConfig.from_flat(context.run_config)
+    cfg = _config(context)
     runtime = runtime_for(cfg)
     user = int(context.node_config["partition-id"])
     arrays = _numpy(msg.content.array_records.get("arrays"))
     prototypes = _numpy(msg.content.array_records.get("prototypes")).get("centroids")
+    disk = _memory_file(msg, context, cfg, user)
     memory = _numpy(context.state.array_records.get("memory")) or None
-    return cfg, runtime, user, arrays, prototypes, memory
+    if memory is None and disk is not None:
+        memory = disk.load()  # a restarted node: its RAM state is gone, its disk is not
+    return cfg, runtime, user, arrays, prototypes, memory, disk
+
+
+def _keep_memory(context: Context, disk: MemoryFile | None, memory: dict[str, np.ndarray]) -> None:
+    context.state["memory"] = _record(memory)
+    if disk is not None:
+        disk.save(memory)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, runtime, user, arrays, prototypes, memory = _inputs(msg, context)
+    cfg, runtime, user, arrays, prototypes, memory, disk = _inputs(msg, context)
     config = msg.content.config_records["config"]
     outcome = runtime.train(
         user, arrays, prototypes, memory,
@@ -45,7 +76,7 @@ def train(msg: Message, context: Context) -> Message:
         local_epochs=int(config.get("local-epochs", cfg.local_epochs)),
         server_round=int(config.get("server-round", 0)), proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
-    context.state["memory"] = _record(outcome.memory)
+    _keep_memory(context, disk, outcome.memory)
     arrays_out = outcome.arrays
     if user == cfg.fault_nan_partition:  # fault injection for tests: the server must reject this
         arrays_out = {name: np.full_like(value, np.nan) for name, value in arrays_out.items()}
@@ -60,9 +91,9 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, runtime, user, arrays, prototypes, memory = _inputs(msg, context)
+    cfg, runtime, user, arrays, prototypes, memory, disk = _inputs(msg, context)
     split = str(msg.content.config_records["config"].get("split", "valid"))
     outcome = runtime.evaluate(user, arrays, prototypes, memory, split=split)
-    context.state["memory"] = _record(outcome.memory)
+    _keep_memory(context, disk, outcome.memory)
     metrics = MetricRecord({**outcome.metrics, "num-examples": 1, "partition-id": user})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

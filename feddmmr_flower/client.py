@@ -85,8 +85,11 @@ class ClientRuntime:
         anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
         extra = (lambda: 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))) \
             if anchor is not None else None
-        generator = torch.Generator(device=self.cfg.device).manual_seed(
-            hash((self.cfg.seed, user, server_round)) % 2**63)
+        seed = hash((self.cfg.seed, user, server_round)) % 2**63
+        generator = torch.Generator(device=self.cfg.device).manual_seed(seed)
+        # Dropout draws from the global RNG: seed it too, so a client's update does not depend on
+        # which clients its process served before (Ray workers serve many; a deployment, one per process).
+        torch.manual_seed(seed)
         users = np.array([user])
         stats: dict[str, float] = {}
         for _ in range(local_epochs):

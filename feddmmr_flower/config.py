@@ -16,6 +16,7 @@ from .losses import LOSSES
 from .models.feddmmr import VARIANTS
 
 
+DP_MODES = ("off", "central-fixed", "local")
 STRATEGIES = ("fedavg", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedprox", "fedmedian", "fedtrimmedavg")
 
 
@@ -79,6 +80,17 @@ class ExperimentConfig:
     resume_from: str = ""  # a run folder (or its last.pt): continue that run where it stopped
     init_from: str = ""  # a checkpoint (.pt) whose model weights start this run
     fault_nan_partition: int = -1  # testing only: this partition replies with NaN arrays
+    client_state_dir: str = ""  # node-local folder for client memories ("" = off; node-config state-dir wins)
+    # privacy (docs/privacy.md): DP on the model arrays, SecAgg+ for their sum
+    dp_mode: str = "off"  # "off" | "central-fixed" (client clipping + server noise) | "local" (LocalDpMod)
+    dp_clipping_norm: float = 0.1  # L2 bound on one client's update (typical norms here: 0.05-0.1)
+    dp_noise_multiplier: float = 1.0  # central-fixed: noise std on the sum of updates = this x clipping norm
+    dp_epsilon: float = 1.0  # local: LocalDpMod's per-release epsilon
+    dp_delta: float = 1e-5  # local: LocalDpMod's delta; central: the delta epsilon is reported at
+    secure_aggregation: bool = False  # SecAgg+ (Flower's workflow + secaggplus_mod) for the model arrays
+    secagg_num_shares: int = 3  # SecAgg+ neighbours a client's secrets are shared with (itself included)
+    secagg_threshold: int = 2  # shares needed to unmask a dropped client (< num-shares)
+    secagg_clipping_range: float = 1.0  # SecAgg+ clips each update coordinate to +-this before quantising
     # evaluation and bookkeeping
     eval_every: int = 5
     eval_negatives: int = 100
@@ -126,8 +138,29 @@ class ExperimentConfig:
             raise ConfigError(f"memory-topk ({self.memory_topk}) cannot exceed memory-capacity ({self.memory_capacity})")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        self._check_privacy()
         from .stages import StageSchedule
         StageSchedule.parse(self.stage_schedule)  # fail early on a bad schedule
+
+    def _check_privacy(self) -> None:
+        if self.dp_mode not in DP_MODES:
+            raise ConfigError(f"dp-mode: unknown {self.dp_mode!r}, choose one of {', '.join(DP_MODES)}")
+        for name in ("dp_clipping_norm", "dp_epsilon", "secagg_clipping_range"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{kebab(name)} must be > 0, got {getattr(self, name)}")
+        if self.dp_noise_multiplier < 0 or (self.dp_mode == "central-fixed" and not self.dp_noise_multiplier > 0):
+            raise ConfigError(f"dp-noise-multiplier must be > 0 with dp-mode='central-fixed', got {self.dp_noise_multiplier}")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"dp-delta must be in (0, 1), got {self.dp_delta}")
+        if not 3 <= self.secagg_num_shares or not 2 <= self.secagg_threshold < self.secagg_num_shares:
+            raise ConfigError(f"secagg-num-shares must be >= 3 and 2 <= secagg-threshold < secagg-num-shares, "
+                              f"got {self.secagg_num_shares} and {self.secagg_threshold}")
+        if self.secure_aggregation and self.dp_mode == "central-fixed":
+            raise ConfigError("secure-aggregation cannot be combined with dp-mode='central-fixed' (the server clips "
+                              "and noises individual replies, which SecAgg+ hides); use dp-mode='local'")
+        if (self.secure_aggregation or self.dp_mode == "central-fixed") and self.strategy in ("fedmedian", "fedtrimmedavg"):
+            raise ConfigError(f"strategy {self.strategy!r} needs every client's update; it cannot run with "
+                              "secure-aggregation or dp-mode='central-fixed' (they release only a mean)")
 
     @classmethod
     def from_flat(cls, values: Mapping[str, Any], strict: bool = False) -> "ExperimentConfig":

@@ -101,6 +101,21 @@ class StageSchedule:
     def stage_for_round(self, server_round: int) -> str:
         return self.segment_for_round(server_round).stage
 
+    def continues(self, earlier: StageSchedule, done_rounds: int) -> bool:
+        """True when rounds 1..done_rounds mean the same here as in ``earlier`` (so a resumed run may
+        give later stages, or the current one, more rounds without redoing or skipping any)."""
+        started = [seg for seg in earlier.segments if seg.first_round <= done_rounds]
+        if len(started) > len(self.segments):
+            return False
+        for old, new in zip(started, self.segments):
+            if (old.stage, old.first_round) != (new.stage, new.first_round):
+                return False
+            if old.last_round < done_rounds and new.last_round != old.last_round:
+                return False
+            if new.last_round < min(old.last_round, done_rounds):
+                return False
+        return done_rounds <= self.total_rounds
+
     def __str__(self) -> str:
         return ",".join(f"{s}:{c}" for s, c in self.parts)
 

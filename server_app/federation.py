@@ -8,10 +8,13 @@ curves.png and summary.json.
 
 from __future__ import annotations
 
+import copyreg
+import io
 import pickle
 import random
 import sys
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
+from feddmmr_flower.atomic import atomic_path, writable_dir
 from feddmmr_flower.config import ExperimentConfig
 from feddmmr_flower.data.sequences import atomic_write_json
 from feddmmr_flower.errors import ConfigError
@@ -28,6 +32,8 @@ from feddmmr_flower.models.feddmmr import FedDMMR
 from feddmmr_flower.plots import plot_curves
 from feddmmr_flower.stages import StageSchedule, trainable_names
 from strategies import FedDMMRStrategy
+from strategies.dp import make_dp
+from strategies.secagg import SecAggPlusAggregation
 
 
 def _say(line: str) -> None:
@@ -39,9 +45,17 @@ def _metrics(record) -> dict:
 
 
 def _save_pt(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp, pickle_protocol=pickle.HIGHEST_PROTOCOL)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # unique temp name, removed on failure
+        torch.save(payload, tmp, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _pickle(obj) -> bytes:
+    """Pickle strategy state; in a deployment, arrays that came over the wire are memoryviews."""
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    pickler.dispatch_table = {**copyreg.dispatch_table, memoryview: lambda view: (bytes, (view.tobytes(),))}
+    pickler.dump(obj)
+    return buffer.getvalue()
 
 
 def _model_payload(cfg: ExperimentConfig, model: FedDMMR, arrays: ArrayRecord, prototypes, **extra) -> dict:
@@ -60,11 +74,21 @@ class FederatedRun:
         if cfg.init_from:
             fresh = load_weights(self.model, cfg.init_from)
             _say(f"[feddmmr] init-from {cfg.init_from} ({len(fresh)} tensors kept from a fresh model)")
-        self.out = resolve_path(cfg.output_dir) / (cfg.run_name or time.strftime("run-%Y%m%d-%H%M%S"))
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = resolve_path(cfg.output_dir) / (cfg.run_name or self._resumed_name(cfg)
+                                                   or time.strftime("run-%Y%m%d-%H%M%S"))
+        if cfg.resume_from:  # checked before the output folder is created
+            last = Path(cfg.resume_from)
+            if not (last / "last.pt" if last.is_dir() else last).is_file():
+                raise ConfigError(f"resume-from: no checkpoint at {last / 'last.pt' if last.is_dir() else last}")
+        writable_dir(self.out, "output-dir")  # a one-line ConfigError now, not a traceback later
         self.history: list[dict] = []
         self.start_round = 1
+        # Names this run on the clients' disks (their memory files): unique per fresh run, kept on resume.
+        self.run_key = f"{self.out.name}-{uuid.uuid4().hex[:8]}"
         self.arrays = ArrayRecord(self.model.state_dict())
+        self.dp = make_dp(cfg)  # docs/privacy.md
+        self.secagg = SecAggPlusAggregation(cfg.secagg_num_shares, cfg.secagg_threshold, cfg.secagg_clipping_range,
+                                            max_weight=float(cfg.maxlen)) if cfg.secure_aggregation else None
         self.strategy = FedDMMRStrategy(
             schedule=self.schedule, base=cfg.strategy,
             base_kwargs=dict(fraction_train=cfg.fraction_train, fraction_evaluate=0.0,
@@ -75,20 +99,31 @@ class FederatedRun:
             trainable_names=lambda stage: trainable_names(self.model, stage),
             num_prototypes=cfg.num_prototypes, prototype_ema=cfg.prototype_ema, prototype_seed=cfg.seed,
             prototype_dim=self.model.config.prototype_dim if self.model.config.uses_prototypes else None,
-            evaluate_every=cfg.eval_every, evaluate_split="valid",
+            evaluate_every=cfg.eval_every, evaluate_split="valid", pre_aggregate=self.dp,
         )
         if cfg.resume_from:
             self._resume(Path(cfg.resume_from))
 
     # ------------------------------------------------------------ set-up
+    @staticmethod
+    def _resumed_name(cfg: ExperimentConfig) -> str:
+        """A resumed run keeps writing into the folder it continues (and clients find its memories)."""
+        if not cfg.resume_from:
+            return ""
+        path = Path(cfg.resume_from)
+        return (path if path.is_dir() else path.parent).name
+
     def _resume(self, path: Path) -> None:
         path = path / "last.pt" if path.is_dir() else path
         if not path.is_file():
             raise ConfigError(f"resume-from: no checkpoint at {path}")
         state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["experiment"]["stage-schedule"] != self.cfg.stage_schedule:
-            raise ConfigError(f"resume-from: {path} was made with stage-schedule "
-                              f"{state['experiment']['stage-schedule']!r}, this run has {self.cfg.stage_schedule!r}")
+        earlier = state["experiment"]["stage-schedule"]
+        if not self.schedule.continues(StageSchedule.parse(earlier), int(state["round"])):
+            raise ConfigError(f"resume-from: {path} stopped after round {state['round']} of stage-schedule "
+                              f"{earlier!r}; this run's {self.cfg.stage_schedule!r} does not continue it "
+                              "(it may only add rounds after that round)")
+        self.run_key = state.get("run_key", self.run_key)
         self.arrays = ArrayRecord(state["state_dict"])  # a torch state_dict
         self.strategy.restore_state(pickle.loads(state["strategy"]))
         self.history = state["history"]
@@ -112,10 +147,16 @@ class FederatedRun:
         sample = len(nodes) if self.cfg.eval_users == 0 else min(self.cfg.eval_users, len(nodes))
         self.strategy.evaluate_node_ids = sorted(random.Random(self.cfg.seed).sample(nodes, sample))
         atomic_write_json(self.out / "config.json", {"experiment": self.cfg.flat(), "schedule": str(self.schedule),
-                                                     "nodes": len(nodes), "eval_nodes": sample,
-                                                     "model": asdict(self.model.config)})
-        train_cfg = ConfigRecord({"lr": self.cfg.client_lr, "local-epochs": self.cfg.local_epochs})
-        eval_cfg = ConfigRecord({})
+                                                     "nodes": len(nodes), "eval_nodes": sample, "run_key": self.run_key,
+                                                     "model": asdict(self.model.config),
+                                                     "privacy": self._privacy()})
+        # run-key: names the run on the clients' disks (node-local memory files, see client_state.py)
+        train_cfg = ConfigRecord({"lr": self.cfg.client_lr, "local-epochs": self.cfg.local_epochs,
+                                  "run-key": self.run_key})
+        eval_cfg = ConfigRecord({"run-key": self.run_key})
+        if self.cfg.dp_mode == "central-fixed":
+            train_cfg["clipping_norm"] = self.cfg.dp_clipping_norm  # read by Flower's fixedclipping_mod
+            self.dp.population = len(nodes)  # type: ignore[union-attr]
         total = self.schedule.total_rounds
         started = time.time()
         _say(f"[feddmmr] {len(nodes)} nodes, {total} rounds ({self.schedule}), strategy {self.cfg.strategy}, "
@@ -123,8 +164,11 @@ class FederatedRun:
         for rnd in range(self.start_round, total + 1):
             tick = time.time()
             stage = self.strategy.stage_for_round(rnd)
-            replies = self.grid.send_and_receive(self.strategy.configure_train(rnd, self.arrays, train_cfg, self.grid))
-            arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
+            if self.secagg is not None:
+                arrays, train_metrics = self.secagg.train_round(self.strategy, rnd, self.arrays, train_cfg, self.grid)
+            else:
+                replies = self.grid.send_and_receive(self.strategy.configure_train(rnd, self.arrays, train_cfg, self.grid))
+                arrays, train_metrics = self.strategy.aggregate_train(rnd, replies)
             if arrays is not None:
                 self.arrays = arrays
             eval_msgs = list(self.strategy.configure_evaluate(rnd, self.arrays, eval_cfg, self.grid))
@@ -166,9 +210,20 @@ class FederatedRun:
                      _model_payload(self.cfg, self.model, self.arrays, self.strategy.prototypes, round=rnd))
         _save_pt(self.out / "last.pt", _model_payload(
             self.cfg, self.model, self.arrays, self.strategy.prototypes, round=rnd, history=self.history,
-            strategy=pickle.dumps(self.strategy.checkpoint_state())))
+            run_key=self.run_key,
+            strategy=_pickle(self.strategy.checkpoint_state())))
         if valid is not None or rnd == segment.last_round:  # a plot costs ~0.3 s: not every round
             plot_curves({self.out.name: self.history}, self.out / "curves.png")
+
+    def _privacy(self) -> dict:
+        """What protects the model arrays of this run (docs/privacy.md), with epsilon so far."""
+        secagg = None if self.secagg is None else {
+            "num_shares": self.cfg.secagg_num_shares, "reconstruction_threshold": self.cfg.secagg_threshold,
+            "clipping_range": self.cfg.secagg_clipping_range, "quantization_range": 2**22,
+            "max_weight": float(self.cfg.maxlen)}
+        return {"dp": None if self.dp is None else self.dp.report(), "secure_aggregation": secagg,
+                "prototypes": {"min_cluster_size": self.cfg.min_cluster_size,
+                               "noise_std": self.cfg.prototype_noise}}
 
     def _finish(self, seconds: float) -> dict:
         best = self.strategy.best
@@ -176,7 +231,8 @@ class FederatedRun:
         prototypes = best.prototypes if best is not None else self.strategy.prototypes
         _say(f"[feddmmr] final test on all {len(self.grid.get_node_ids())} nodes with the best model "
              f"(round {best.server_round if best else 'last'})")
-        test = self.strategy.evaluate_all(self.grid, arrays, split="test", prototypes=prototypes)
+        test = self.strategy.evaluate_all(self.grid, arrays, split="test", prototypes=prototypes,
+                                          config=ConfigRecord({"run-key": self.run_key}))
         test = _metrics(test)
         sampled = {k: v for k, v in test.items() if k.split("@")[0] in ("HR", "NDCG") or k == "MRR"}
         full = {k[len("full-"):]: v for k, v in test.items() if k.startswith("full-")}
@@ -188,6 +244,7 @@ class FederatedRun:
             "test": {"sampled": sampled, "full": full, "num_users": test.get("num-examples")},
             "mean_round_seconds": round(float(np.mean(rounds)), 3) if rounds else None,
             "mean_client_train_seconds_per_round": round(float(np.mean(client)), 3) if client else None,
+            "privacy": self._privacy(),
         }
         atomic_write_json(self.out / "summary.json", summary)
         _say(f"[feddmmr] done in {seconds / 60:.1f} min: test NDCG@10 {sampled.get('NDCG@10', float('nan')):.4f} "

@@ -131,6 +131,9 @@ class FedDMMRStrategy(Strategy):
     evaluate_every: evaluate every N rounds and on the last round of each stage.
     evaluate_split: "split" put in the evaluate config unless it already has one.
     best_metric: validation metric to keep the best global model for (higher is better).
+    pre_aggregate: (round, accepted replies, current trainable arrays, number sampled) -> the
+        replies the base aggregates (e.g. ``strategies.dp``: one clipped, noised mean); may have
+        ``metrics()``, ``state_dict()``/``load_state_dict()``.
     """
 
     def __init__(
@@ -154,6 +157,7 @@ class FedDMMRStrategy(Strategy):
         evaluate_split: str = "valid",
         best_metric: str | None = "NDCG@10",
         weighted_by_key: str = "num-examples",
+        pre_aggregate: Callable[[int, list[Message], ArrayRecord, int], list[Message]] | None = None,
     ) -> None:
         self.schedule = schedule if isinstance(schedule, StageSchedule) else StageSchedule.parse(schedule)
         if isinstance(base, str):
@@ -180,6 +184,7 @@ class FedDMMRStrategy(Strategy):
         self.evaluate_split = evaluate_split
         self.best_metric = best_metric
         self.weighted_by_key = weighted_by_key
+        self.pre_aggregate = pre_aggregate
 
         self.prototypes: np.ndarray | None = (
             None if initial_prototypes is None else np.asarray(initial_prototypes, np.float32)
@@ -367,6 +372,9 @@ class FedDMMRStrategy(Strategy):
                 self._record(self.failed, server_round, node, self.partition_of.get(node),
                              "no reply before the timeout", "failed")
 
+        # Replies arrive in any order; aggregate in partition order so that a deployment and a
+        # simulation of the same run compute the same sums (and the same prototype clustering).
+        candidates.sort(key=lambda c: (-1 if c.partition_id is None else int(c.partition_id), c.node_id))
         accepted = self._drop_norm_outliers(server_round, candidates)
         arrays = self._global
         if accepted:
@@ -387,6 +395,8 @@ class FedDMMRStrategy(Strategy):
             metrics["update-norm-median"] = float(np.median([c.update_norm for c in accepted]))
             seconds = [float(c.metrics.get("client-train-seconds", 0.0)) for c in accepted]  # type: ignore[arg-type]
             metrics["total-client-train-seconds"] = float(sum(seconds))
+        if self.pre_aggregate is not None and hasattr(self.pre_aggregate, "metrics"):
+            metrics.update(self.pre_aggregate.metrics())
         return arrays, metrics
 
     def _drop_norm_outliers(self, server_round: int, cands: list[_Candidate]) -> list[_Candidate]:
@@ -416,6 +426,11 @@ class FedDMMRStrategy(Strategy):
                 "metrics": MetricRecord({self.weighted_by_key: c.num_examples}),
             })
             clean.append(m)
+        if self.pre_aggregate is not None:
+            current = ArrayRecord({n: self._global[n] for n in self._names})  # type: ignore[index]
+            clean = self.pre_aggregate(server_round, clean, current, len(self._sent))
+            if not clean:
+                return None
         self._base_step += 1
         try:
             aggregated, _ = self.base.aggregate_train(self._base_step, clean)
@@ -534,12 +549,17 @@ class FedDMMRStrategy(Strategy):
     # -------------------------------------------------------------- checkpoint
     def checkpoint_state(self) -> dict[str, Any]:
         """What a resumed run needs: server-optimiser state, prototypes, best model (picklable)."""
+        privacy = getattr(self.pre_aggregate, "state_dict", None)
         return {"base": self.base, "base_key": self._base_key, "base_step": self._base_step,
-                "prototypes": self.prototypes, "best": self.best}
+                "prototypes": self.prototypes, "best": self.best, "privacy": privacy() if privacy else None,
+                "partition_of": dict(self.partition_of)}  # so a node that dies before replying is named
 
     def restore_state(self, state: Mapping[str, Any]) -> None:
         self.base, self._base_key, self._base_step = state["base"], state["base_key"], state["base_step"]
         self.prototypes, self.best = state["prototypes"], state["best"]
+        self.partition_of.update(state.get("partition_of", {}))
+        if state.get("privacy") is not None and hasattr(self.pre_aggregate, "load_state_dict"):
+            self.pre_aggregate.load_state_dict(state["privacy"])  # type: ignore[union-attr]
 
     def summary(self) -> None:
         """Log the FedDMMR settings, then the base strategy's."""

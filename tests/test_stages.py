@@ -235,3 +235,17 @@ def test_train_central_runs_the_whole_schedule(tmp_path) -> None:
     for u in range(data.num_users):  # memory never learned a held-out target
         stored = set(memory.item[u][memory.item[u] > 0].tolist())
         assert not stored & {int(data.target([u], "valid")[0]), int(data.target([u], "test")[0])}
+
+
+@pytest.mark.parametrize("earlier, done, later, ok", [
+    ("pretrain:2,align:1", 3, "pretrain:2,align:1", True),  # same schedule
+    ("pretrain:2,align:1", 3, "pretrain:2,align:3", True),  # more rounds of the current stage
+    ("pretrain:2,align:1", 3, "pretrain:2,align:1,finetune:4", True),  # a later stage added
+    ("pretrain:4,align:1", 2, "pretrain:3,align:1", True),  # the unfinished stage shortened, not below done
+    ("pretrain:4,align:1", 2, "pretrain:1,align:1", False),  # round 2 would now be align
+    ("pretrain:2,align:1", 3, "pretrain:3,align:1", False),  # round 3 was align
+    ("pretrain:2,align:1", 3, "align:1,pretrain:2", False),
+    ("pretrain:2,align:2", 4, "pretrain:2,align:1", False),  # fewer rounds than done
+])
+def test_a_resumed_schedule_must_continue_the_rounds_already_done(earlier, done, later, ok) -> None:
+    assert StageSchedule.parse(later).continues(StageSchedule.parse(earlier), done) is ok

@@ -93,7 +93,10 @@ def ensure_dataset(
     data_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=data_dir, prefix=".download-") as tmp:
         archive = Path(tmp) / "archive.zip"
-        _fetch(url, archive)
+        try:
+            _fetch(url, archive)
+        except MissingDataError as exc:  # say which folder lacked the files, not only the URL
+            raise MissingDataError(f"{data_dir} lacks {', '.join(missing)} for {name}, and {exc}") from None
         if expected is not None:
             actual = file_digest(archive, "md5")
             if actual != expected.lower():

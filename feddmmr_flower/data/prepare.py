@@ -11,13 +11,16 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 
 from ..errors import ConfigError, DataFormatError
 from .download import ensure_dataset, file_digest
-from .readers import RawData, read_csv_dataset, read_ml1m, read_ml100k
 from .sequences import SequenceData
+
+if TYPE_CHECKING:  # pandas (and the readers) load only when raw files are parsed: a federated
+    from .readers import RawData  # client reading the prepared cache never pays their import
 
 DATASETS = ("ml-1m", "ml-100k", "csv")
 FORMAT_VERSION = 1  # bump when the preprocessing changes: old caches stop matching
@@ -40,6 +43,8 @@ class PrepareOptions:
 
 def _id_order(raw_ids: np.ndarray) -> np.ndarray:
     """Sort key for raw ids: numeric order when every id is an integer, else lexicographic."""
+    import pandas as pd
+
     numeric = pd.to_numeric(pd.Series(raw_ids), errors="coerce")
     if not numeric.isna().any():
         return np.argsort(numeric.to_numpy(), kind="stable")
@@ -48,6 +53,8 @@ def _id_order(raw_ids: np.ndarray) -> np.ndarray:
 
 def build_sequences(raw: RawData, options: PrepareOptions) -> SequenceData:
     """Filter, sort and re-index ``raw`` into a ``SequenceData`` (pure function of its inputs)."""
+    import pandas as pd
+
     frame = raw.interactions
     if frame.empty:
         raise DataFormatError(raw.source_files[0], "no interactions")
@@ -112,6 +119,8 @@ def build_sequences(raw: RawData, options: PrepareOptions) -> SequenceData:
 
 def read_raw(options: PrepareOptions, data_dir: Path, *, items_file: Path | None = None,
              download_url: str | None = None, download: bool = True) -> RawData:
+    from .readers import read_csv_dataset, read_ml1m, read_ml100k
+
     data_dir = Path(data_dir)
     if options.dataset == "ml-100k":
         return read_ml100k(ensure_dataset("ml-100k", data_dir, url=download_url, download=download))

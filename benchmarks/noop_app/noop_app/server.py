@@ -1,0 +1,30 @@
+"""Sends one train message per node per round and times each round (written as JSON)."""
+
+import json
+import time
+from pathlib import Path
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rounds, min_nodes = int(context.run_config["rounds"]), int(context.run_config["min-nodes"])
+    while len(nodes := sorted(grid.get_node_ids())) < min_nodes:
+        time.sleep(1.0)
+    seconds = []
+    for _ in range(rounds):
+        tick = time.time()
+        messages = [Message(content=RecordDict(), dst_node_id=node, message_type="train") for node in nodes]
+        replies = list(grid.send_and_receive(messages))
+        failed = [r for r in replies if r.has_error()]
+        if failed:
+            raise RuntimeError(f"{len(failed)} no-op replies failed: {failed[0].error.reason}")
+        seconds.append(time.time() - tick)
+        print(f"no-op round {len(seconds)}/{rounds}: {seconds[-1]:.2f} s", flush=True)
+    output = str(context.run_config["output"])
+    if output:
+        Path(output).write_text(json.dumps({"nodes": len(nodes), "round_seconds": seconds}))
