@@ -19,8 +19,10 @@ from feddmmr_flower.client_state import MemoryFile
 from feddmmr_flower.config import ExperimentConfig
 
 from .privacy_mods import privacy_mod
+from .wire import wire_mod
 
-app = ClientApp(mods=[privacy_mod])  # DP / SecAgg+ per run config (client_app/privacy_mods.py)
+# Outermost: unpack the model (packed into one array on the wire); then DP / SecAgg+ per run config.
+app = ClientApp(mods=[wire_mod, privacy_mod])
 
 # Settings that describe the node's own disk and hardware, not the experiment.
 NODE_LOCAL_KEYS = ("data-dir", "cache-dir", "items-file", "descriptions", "posters-dir", "movies-dat", "device")

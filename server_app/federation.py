@@ -100,6 +100,7 @@ class FederatedRun:
             num_prototypes=cfg.num_prototypes, prototype_ema=cfg.prototype_ema, prototype_seed=cfg.seed,
             prototype_dim=self.model.config.prototype_dim if self.model.config.uses_prototypes else None,
             evaluate_every=cfg.eval_every, evaluate_split="valid", pre_aggregate=self.dp,
+            pack_arrays=not cfg.secure_aggregation,  # SecAgg+ masks the arrays record itself
         )
         if cfg.resume_from:
             self._resume(Path(cfg.resume_from))

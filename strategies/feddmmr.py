@@ -38,9 +38,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
 
-from .base import make_base_strategy
+from client_app.wire import pack_content, unpack_message
 from feddmmr_flower.prototype_aggregation import Metric, aggregate_prototypes
 from feddmmr_flower.stages import STAGES, StageSchedule, StageSegment
+
+from .base import make_base_strategy
 
 logger = logging.getLogger("flwr.feddmmr")
 
@@ -158,6 +160,7 @@ class FedDMMRStrategy(Strategy):
         best_metric: str | None = "NDCG@10",
         weighted_by_key: str = "num-examples",
         pre_aggregate: Callable[[int, list[Message], ArrayRecord, int], list[Message]] | None = None,
+        pack_arrays: bool = False,
     ) -> None:
         self.schedule = schedule if isinstance(schedule, StageSchedule) else StageSchedule.parse(schedule)
         if isinstance(base, str):
@@ -185,6 +188,7 @@ class FedDMMRStrategy(Strategy):
         self.best_metric = best_metric
         self.weighted_by_key = weighted_by_key
         self.pre_aggregate = pre_aggregate
+        self.pack_arrays = pack_arrays  # one array on the wire instead of one per tensor (client_app/wire.py)
 
         self.prototypes: np.ndarray | None = (
             None if initial_prototypes is None else np.asarray(initial_prototypes, np.float32)
@@ -275,7 +279,7 @@ class FedDMMRStrategy(Strategy):
         sampled = list(self.base.configure_train(server_round, subset, cfg, grid))
         if sampled:  # the base may have added entries (FedProx: "proximal-mu")
             cfg = sampled[0].content.config_records.get("config", cfg)
-        content = RecordDict({"arrays": arrays, "prototypes": self.prototype_record(), "config": cfg})
+        content = self._wire(RecordDict({"arrays": arrays, "prototypes": self.prototype_record(), "config": cfg}))
         self._sent = [
             Message(content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type)
             for m in sampled
@@ -361,6 +365,11 @@ class FedDMMRStrategy(Strategy):
             if msg.has_error():
                 self._record(self.failed, server_round, node, self.partition_of.get(node),
                              f"error reply (code {msg.error.code}): {msg.error.reason}", "failed")
+                continue
+            try:
+                unpack_message(msg)
+            except (ValueError, KeyError) as exc:
+                self._record(self.rejected, server_round, node, self.partition_of.get(node), str(exc), "rejected")
                 continue
             cand, pid, reason = self._check_reply(msg, node, global_np)
             if cand is None:
@@ -477,8 +486,11 @@ class FedDMMRStrategy(Strategy):
         prototypes: np.ndarray | None = None,
     ) -> list[Message]:
         protos = self.prototype_record(prototypes)
-        content = RecordDict({"arrays": arrays, "prototypes": protos, "config": cfg})
+        content = self._wire(RecordDict({"arrays": arrays, "prototypes": protos, "config": cfg}))
         return [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in node_ids]
+
+    def _wire(self, content: RecordDict) -> RecordDict:
+        return pack_content(content) if self.pack_arrays else content
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

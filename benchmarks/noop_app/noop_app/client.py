@@ -1,4 +1,4 @@
-"""Replies at once with an empty metric: what remains of a round is Flower's own cost."""
+"""Replies at once (echoing any arrays it got): what remains of a round is Flower's own cost."""
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -8,4 +8,5 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return Message(content=RecordDict({"metrics": MetricRecord({"ok": 1})}), reply_to=msg)
+    content = RecordDict({"metrics": MetricRecord({"ok": 1}), **dict(msg.content.array_records)})
+    return Message(content=content, reply_to=msg)

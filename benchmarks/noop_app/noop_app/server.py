@@ -4,7 +4,8 @@ import json
 import time
 from pathlib import Path
 
-from flwr.app import Context, Message, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 app = ServerApp()
@@ -15,10 +16,16 @@ def main(grid: Grid, context: Context) -> None:
     rounds, min_nodes = int(context.run_config["rounds"]), int(context.run_config["min-nodes"])
     while len(nodes := sorted(grid.get_node_ids())) < min_nodes:
         time.sleep(1.0)
+    # Optional payload (echoed back by the client): k arrays of n float32 each, to separate Flower's
+    # per-message cost from its per-array cost.
+    k, n = int(context.run_config["payload-arrays"]), int(context.run_config["payload-floats"])
+    payload = RecordDict({"arrays": ArrayRecord({f"a{i}": Array(np.random.default_rng(i).standard_normal(n).astype(np.float32))
+                                                 for i in range(k)})}) \
+        if k else RecordDict()
     seconds = []
     for _ in range(rounds):
         tick = time.time()
-        messages = [Message(content=RecordDict(), dst_node_id=node, message_type="train") for node in nodes]
+        messages = [Message(content=payload, dst_node_id=node, message_type="train") for node in nodes]
         replies = list(grid.send_and_receive(messages))
         failed = [r for r in replies if r.has_error()]
         if failed:
@@ -27,4 +34,5 @@ def main(grid: Grid, context: Context) -> None:
         print(f"no-op round {len(seconds)}/{rounds}: {seconds[-1]:.2f} s", flush=True)
     output = str(context.run_config["output"])
     if output:
-        Path(output).write_text(json.dumps({"nodes": len(nodes), "round_seconds": seconds}))
+        Path(output).write_text(json.dumps({"nodes": len(nodes), "round_seconds": seconds,
+                                            "payload_arrays": k, "payload_floats": n}))
