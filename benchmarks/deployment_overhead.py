@@ -4,12 +4,15 @@ One SuperLink + N SuperNodes as separate processes (network namespaces when run 
 loopback; TLS and SuperNode authentication on, as docker-compose.yml deploys them; the harness
 is tests/deployment_lab.py). On the same deployment, R rounds of:
 
-* a no-op app (benchmarks/noop_app: the ClientApp replies at once): Flower's own floor;
-* FedDMMR (variant full, text features, one train message per node per round, no validation);
+* a no-op app (benchmarks/noop_app: the ClientApp replies at once): Flower's own floor, with no
+  payload and with ~1 MB echoed as 48 arrays or as 1 (Flower moves each array as an object);
+* FedDMMR (variant full, text features, one train message per node per round, no validation; the
+  model packed into one array on the wire, client_app/wire.py);
 
 plus a Ray simulation of the same FedDMMR run for comparison, and the import cost of a fresh
 ClientApp process (Flower alone vs ours), since a deployed SuperNode starts one per message.
-Round 1 includes start-up and is left out of the means. Users are ML-100K's first N.
+Round 1 includes start-up and the last round also validates: means are over train-only rounds
+after round 1. Users are ML-100K's first N (top-users).
 
     python benchmarks/deployment_overhead.py --data-dir ../shared/data/ml-100k \
         --descriptions ../shared/data/ml-100k-llm/item_descriptions.json --out benchmarks/results/deployment_overhead.json
@@ -106,11 +109,18 @@ def main() -> None:
         deployment.start_all()
         say(f"deployment up ({'network namespaces' if lab.use_namespaces else 'loopback'}); no-op app")
         run = [str(BIN / "flwr"), "run", ".", "deployment", "--stream", "--run-config"]
-        done = deployment.cli_run(run + [run_config_arg({"rounds": args.rounds, "min-nodes": args.nodes,
-                                                         "output": str(root / "noop.json")})], cwd=noop, timeout=900)
-        if done.returncode != 0:
-            raise SystemExit(done.stdout[-2000:] + done.stderr[-2000:])
-        noop_seconds = json.loads((root / "noop.json").read_text())["round_seconds"]
+        noop_runs = {}
+        # No payload; then ~1 MB echoed both ways as 48 arrays (a model sent tensor by tensor) and as 1.
+        for label, arrays, floats in (("empty", 0, 0), ("48_arrays", 48, 5000), ("1_array", 1, 240000)):
+            output = root / f"noop-{label}.json"
+            done = deployment.cli_run(run + [run_config_arg({
+                "rounds": args.rounds, "min-nodes": args.nodes, "output": str(output),
+                "payload-arrays": arrays, "payload-floats": floats})], cwd=noop, timeout=900)
+            if done.returncode != 0:
+                raise SystemExit(done.stdout[-2000:] + done.stderr[-2000:])
+            noop_runs[label] = json.loads(output.read_text())["round_seconds"]
+            say(f"no-op {label}: {steady(noop_runs[label])} s/round")
+        noop_seconds = noop_runs["empty"]
         say("FedDMMR")
         started = time.time()
         done = deployment.cli_run(run + [run_config_arg({**config, "run-name": "deployed"})], cwd=app, timeout=1800)
@@ -121,7 +131,9 @@ def main() -> None:
         deployment.close()
         lab.close()
     history = json.loads((root / "outputs" / "deployed" / "history.json").read_text())["rounds"]
-    ours = [r["seconds"] for r in history]
+    # The last round also validates (a second message per node): compare train-only rounds.
+    ours = [r["seconds"] for r in history if not r["valid_requested"]]
+    sim_train_only = [r["seconds"] for r in sim_history if not r["valid_requested"]]
     train = [r["train"].get("client-train-seconds", 0.0) for r in history]  # mean over the round's clients
     result = {
         "command": command_line(),
@@ -130,13 +142,15 @@ def main() -> None:
         "nodes": args.nodes, "rounds": args.rounds, "tls": True, "supernode_auth": True,
         "dataset": f"ML-100K, users 0..{args.nodes - 1}", "config": config,
         "round_seconds": {
-            "noop_deployment": [round(s, 2) for s in noop_seconds],
-            "feddmmr_deployment": ours,
+            **{f"noop_deployment_{k}": [round(s, 2) for s in v] for k, v in noop_runs.items()},
+            "feddmmr_deployment": [r["seconds"] for r in history],
             "feddmmr_simulation": [r["seconds"] for r in sim_history],
+            "validation_rounds": [r["round"] for r in history if r["valid_requested"]],
         },
         "mean_round_seconds_after_round_1": {
+            **{f"noop_deployment_{k}": steady(v) for k, v in noop_runs.items()},
             "noop_deployment": steady(noop_seconds), "feddmmr_deployment": steady(ours),
-            "feddmmr_simulation": steady([r["seconds"] for r in sim_history]),
+            "feddmmr_simulation": steady(sim_train_only),
         },
         "feddmmr_client_train_seconds_mean": round(statistics.mean(train[1:]), 3),
         "feddmmr_deployment_wall_s": round(ours_wall, 1),

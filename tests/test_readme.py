@@ -44,6 +44,9 @@ COVERED_ELSEWHERE = {
     "flwr run . local-simulation-gpu": "tests/test_readme.py::test_other_flwr_run_commands_are_valid",
     "flwr run . --federation-config": "tests/test_readme.py::test_other_flwr_run_commands_are_valid",
     "flwr run . --run-config": "tests/test_readme.py::test_other_flwr_run_commands_are_valid",
+    "python -m deploy.certs": "tests/test_compose.py",
+    "flwr supernode register": "tests/test_deployment.py",
+    "flwr run . feddmmr": "tests/test_deployment.py",
     "docker compose": "tests/test_compose.py",
     "docker-compose": "tests/test_compose.py",
     "python -m deploy.compose": "tests/test_compose.py",
@@ -260,8 +263,8 @@ def test_other_flwr_run_commands_are_valid():
     federations = pyproject["tool"]["flwr"].get("federations", {})
     checked = 0
     for command in readme_commands():
-        if not command.startswith("flwr run") or is_quickstart(command):
-            continue
+        if not command.startswith("flwr run") or is_quickstart(command) or command.startswith("flwr run . feddmmr"):
+            continue  # the deployment's flwr run is run for real by tests/test_deployment.py
         args = shlex.split(command)
         assert args[2] == ".", command
         ExperimentConfig.from_flat({**defaults, **run_config(args)}, strict=True)
@@ -292,4 +295,6 @@ def test_results_block_is_rendered_from_benchmark_results(monkeypatch):
     text = README.read_text()
     block = text[text.index(render_readme.START): text.index(render_readme.END) + len(render_readme.END)]
     assert block == render_readme.render(), "README results block is stale: run python benchmarks/render_readme.py"
+    deploy = text[text.index(render_readme.DEPLOY_START): text.index(render_readme.DEPLOY_END) + len(render_readme.DEPLOY_END)]
+    assert deploy == render_readme.render_deployment(), "README deployment figures are stale: run render_readme.py"
     sys.modules.pop("render_readme", None)
