@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .atomic import atomic_path, writable_dir
 from .data.sequences import SequenceData, atomic_write_json
 from .errors import ConfigError
 from .evaluation import all_candidates, evaluate
@@ -290,6 +291,8 @@ def train_central(
     NDCG@10 (sampled protocol), then evaluate the test split once with it."""
     schedule = schedule or StageSchedule([("pretrain", config.epochs)])
     proto_config = proto_config or PrototypeConfig()
+    if out_dir is not None:
+        writable_dir(out_dir)  # fail now, not after the training
     torch.manual_seed(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -382,9 +385,8 @@ def save_checkpoint(path: Path, model: FedDMMR, memory: LocalDynamicMemory | Non
         "prototypes": None if prototypes is None else prototypes.detach().cpu(),
         **(extra or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def result_payload(result: CentralResult) -> dict:

@@ -407,3 +407,60 @@ def test_every_base_strategy_runs_two_stages(name: str) -> None:
     assert not np.allclose(out["w"], g0n["w"]) and np.isfinite(out["w"]).all()
     assert all(result.train_metrics_clientapp[r]["num-accepted"] == 3 for r in (1, 2, 3))
     assert ("proximal-mu" in configs[0]) == (name == "fedprox")
+
+
+# ------------------------------------------------------ bad updates, one kind at a time
+def _bad_update(kind: str, gn: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int, str]:
+    """(arrays, num-examples, expected reason) of one malformed reply; good replies move by 0.1-0.3."""
+    emb, w = gn["emb"].copy(), gn["w"].copy()
+    if kind == "nan":
+        emb[1, 1] = np.nan
+        return {"emb": emb, "w": w}, 1, "NaN/Inf in 'emb'"
+    if kind in ("+inf", "-inf"):
+        w[0, 0] = np.inf if kind == "+inf" else -np.inf
+        return {"emb": emb, "w": w}, 1, "NaN/Inf in 'w'"
+    if kind == "wrong-shape":
+        return {"emb": np.zeros((5, 2), np.float32), "w": w}, 1, "wrong shape for 'emb': (5, 2) != (4, 2)"
+    if kind == "missing-key":
+        return {"emb": emb}, 1, "1 missing ['w']"
+    if kind == "extra-key":
+        return {"emb": emb, "w": w, "b": gn["b"]}, 1, "1 unexpected ['b']"
+    if kind == "absurd-norm":  # 100.8 x the median update norm (median of 0.1, 0.2, 0.3, 25.2 -> 0.25)
+        return {"emb": emb + 25.2, "w": w + 25.2}, 1, "update norm"
+    if kind == "zero-weight":
+        return {"emb": emb, "w": w}, 0, "'num-examples' missing or not > 0"
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["nan", "+inf", "-inf", "wrong-shape", "missing-key", "extra-key",
+                                  "absurd-norm", "zero-weight"])
+def test_each_bad_update_is_rejected_with_partition_id_and_the_round_completes(
+        kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    st = make_strategy("fedadam", base_kwargs={"eta": 0.1})
+    g = global_arrays()
+    gn = to_np(g)
+    ins = configure(st, 1, g, [201, 202, 203, 204])
+    good = [{"emb": gn["emb"] + d, "w": gn["w"] + d} for d in (0.1, 0.2, 0.3)]
+    bad, n, reason = _bad_update(kind, gn)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, metrics = st.aggregate_train(1, [reply(ins[0], good[0], 1, 10), reply(ins[1], good[1], 1, 11),
+                                                 reply(ins[2], bad, n, 77), reply(ins[3], good[2], 1, 12)])
+    assert [(r["partition_id"], r["node_id"]) for r in st.rejected[1]] == [(77, 203)]
+    assert reason in st.rejected[1][0]["reason"]
+    assert "partition-id 77" in caplog.text and reason.split(":")[0] in caplog.text
+    assert (metrics["num-accepted"], metrics["num-rejected"]) == (3, 1)
+    for name in ("emb", "w"):  # FedAdam moved the model from the three good replies only
+        out = arrays[name].numpy()
+        assert np.isfinite(out).all() and out.shape == gn[name].shape and np.all(out > gn[name])
+    np.testing.assert_array_equal(arrays["b"].numpy(), gn["b"])
+
+
+def test_norm_below_the_outlier_factor_is_accepted() -> None:
+    st = make_strategy("fedavg")
+    g = global_arrays()
+    gn = to_np(g)
+    ins = configure(st, 1, g, [1, 2, 3, 4])
+    deltas = (0.1, 0.2, 0.3, 24.0)  # 96 x the median (0.25): large, but under 100 x
+    _, metrics = st.aggregate_train(1, [reply(m, {"emb": gn["emb"] + d, "w": gn["w"] + d}, 1, i)
+                                        for i, (m, d) in enumerate(zip(ins, deltas))])
+    assert metrics["num-accepted"] == 4 and st.rejected[1] == []

@@ -13,12 +13,13 @@ Split (leave-one-out, DESIGN §1): for a sequence s of length n,
 from __future__ import annotations
 
 import json
-import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path, atomic_write_bytes
 from ..errors import DataFormatError
 
 SPLITS = ("train", "valid", "test")
@@ -142,11 +143,9 @@ class SequenceData:
             item_titles=self.item_titles.astype(str), item_genres=self.item_genres.astype(str),
             **{f"extra_{k}": v.astype(str) for k, v in self.item_extra.items()},
         )
-        tmp = folder / "sequences.npz.tmp"
-        with tmp.open("wb") as handle:
+        with atomic_path(folder / "sequences.npz") as tmp, tmp.open("wb") as handle:
             np.savez(handle, **arrays)
-        os.replace(tmp, folder / "sequences.npz")
-        atomic_write_json(folder / "manifest.json", self.manifest)
+        atomic_write_json(folder / "manifest.json", self.manifest)  # last: a cache hit needs both
 
     @classmethod
     def load(cls, folder: Path) -> "SequenceData":
@@ -158,15 +157,12 @@ class SequenceData:
             manifest = json.loads((folder / "manifest.json").read_text())
         except FileNotFoundError as exc:
             raise DataFormatError(folder, f"not a prepared dataset folder ({Path(exc.filename).name} missing)") from None
-        except (ValueError, OSError, json.JSONDecodeError) as exc:
-            raise DataFormatError(path, f"unreadable prepared dataset: {exc}") from None
+        except (ValueError, OSError, EOFError, json.JSONDecodeError, zipfile.BadZipFile) as exc:
+            raise DataFormatError(path, f"unreadable prepared dataset ({exc}); delete {folder} to prepare it again") from None
         extra = {k[len("extra_"):]: arrays.pop(k) for k in list(arrays) if k.startswith("extra_")}
         return cls(**arrays, manifest=manifest, item_extra=extra)
 
 
 def atomic_write_json(path: Path, payload: dict) -> None:
     """Write JSON through a temp file so a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())

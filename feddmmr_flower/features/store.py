@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import zipfile
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..data.download import file_digest
 from ..data.sequences import SequenceData, atomic_write_json
 from ..errors import ConfigError, FeatureError, MissingDataError
@@ -90,10 +91,8 @@ class FeatureTable:
         self.meta = {**self.meta, "name": self.name, "num_items": self.num_items, "dim": self.dim,
                      "coverage": round(self.coverage, 6), "format": FORMAT_VERSION}
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("wb") as handle:
+        with atomic_path(path) as tmp, tmp.open("wb") as handle:
             np.savez(handle, vectors=self.vectors, mask=self.mask, meta_json=np.array(json.dumps(self.meta)))
-        os.replace(tmp, path)
         atomic_write_json(path.with_suffix(".json"), self.meta)
         self.path = path
         return path
@@ -116,8 +115,8 @@ class FeatureTable:
                 meta = json.loads(str(arrays["meta_json"])) if "meta_json" in arrays.files else {}
         except KeyError as exc:
             raise FeatureError(f"feature file {path}: missing array {exc}") from None
-        except (OSError, ValueError, EOFError, json.JSONDecodeError) as exc:
-            raise FeatureError(f"feature file {path}: unreadable ({exc})") from None
+        except (OSError, ValueError, EOFError, json.JSONDecodeError, zipfile.BadZipFile) as exc:
+            raise FeatureError(f"feature file {path}: unreadable ({exc}); delete it to compute it again") from None
         if not np.issubdtype(vectors.dtype, np.floating):
             raise FeatureError(f"feature file {path}: vectors must be floating point, got {vectors.dtype}")
         table = cls(meta.get("name", path.stem), vectors.astype(np.float32, copy=False), mask, meta, path)

@@ -1,0 +1,138 @@
+"""Client-side privacy mods: Flower's DP mods and SecAgg+ mod, fitted to FedDMMR's messages.
+
+Flower's ``fixedclipping_mod`` / ``LocalDpMod`` expect exactly one ArrayRecord in the message and
+in the reply, with the same keys; ``secaggplus_mod`` expects the legacy ``fitres.*`` reply layout
+and clears every ArrayRecord of the reply. A FedDMMR train message carries the *full* model plus
+the global prototypes, and the reply only the stage's trainable tensors plus the client's
+prototypes. The adapters below present each Flower mod with the layout it expects and put
+FedDMMR's records back afterwards; the privacy work itself (clipping, noise, masking) is
+Flower's own code.
+
+``privacy_mod`` is always installed (``ClientApp(mods=[privacy_mod])``) and decides per message:
+a message with a ``secaggplus`` ConfigRecord runs the SecAgg+ protocol; otherwise run-config
+``dp-mode`` picks ``fixedclipping_mod`` ("central-fixed"), ``LocalDpMod`` ("local") or nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
+from flwr.common import ndarray_to_bytes
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+Next = Callable[[Message, Context], Message]
+Mod = Callable[[Message, Context, Next], Message]
+
+#: ConfigRecord of a SecAgg+ reply that carries what SecAgg+ would otherwise clear (prototypes)
+#: and what the server checks before summing (the array names).
+SECAGG_EXTRAS = "feddmmr-plaintext"
+
+
+def _setting(ctx: Context, key: str, default):
+    return type(default)(ctx.run_config.get(key, default))
+
+
+def _zero_update(msg: Message, reply: Message) -> bool:
+    """Flower's clipping divides by the update norm: an all-zero update must bypass it."""
+    sent, received = reply.content.array_records["arrays"], msg.content.array_records["arrays"]
+    return all(np.array_equal(sent[n].numpy(), received[n].numpy()) for n in sent.keys())
+
+
+def single_record(inner: Mod) -> Mod:
+    """Run a one-ArrayRecord Flower mod (fixedclipping_mod, LocalDpMod) on a FedDMMR train message.
+
+    The mod sees the full model as the message's ArrayRecord and a reply with the full model too:
+    the stage's trained tensors plus the frozen ones unchanged (a zero update, so a clipping norm
+    over the full model equals the norm over the trained subset). Afterwards the reply is cut back
+    to the trained tensors (noise a mod put on frozen tensors is dropped with them) and the
+    prototypes are put back.
+    """
+    def mod(msg: Message, ctx: Context, call_next: Next) -> Message:
+        full = msg.content.array_records["arrays"]
+        view = copy.copy(msg)
+        view.content = RecordDict({"arrays": full, "config": msg.content.config_records["config"]})
+        kept: dict = {}
+
+        def next_(_: Message, context: Context) -> Message:
+            reply = call_next(msg, context)
+            if reply.has_error():
+                return reply
+            if _zero_update(msg, reply):
+                arrays = reply.content.array_records["arrays"]  # perturbed by 1 ulp so it can be clipped
+                reply.content["arrays"] = ArrayRecord({n: Array(np.nextafter(a.numpy(), np.inf)) for n, a in arrays.items()})
+            sent = reply.content.array_records["arrays"]
+            kept["names"] = list(sent.keys())
+            kept["others"] = {k: v for k, v in reply.content.items() if k != "arrays"}
+            expanded = ArrayRecord({n: sent[n] if n in sent else full[n] for n in full.keys()})
+            out = copy.copy(reply)
+            out.content = RecordDict({"arrays": expanded, **{k: v for k, v in kept["others"].items()
+                                                            if not isinstance(v, ArrayRecord)}})
+            return out
+
+        out = inner(view, ctx, next_)
+        if out.has_error() or "names" not in kept:
+            return out
+        arrays = out.content.array_records["arrays"]
+        content = RecordDict({"arrays": ArrayRecord({n: arrays[n] for n in kept["names"]}), **kept["others"]})
+        result = copy.copy(out)
+        result.content = content
+        return result
+    return mod
+
+
+def legacy_reply(msg: Message, reply: Message) -> Message:
+    """FedDMMR reply -> the ``fitres.*`` layout ``secaggplus_mod`` masks: the *update* (trained minus
+    received) of each trained tensor, in the model's order. Updates, not weights: a tensor row no
+    one touched sums to exactly zero, and the small range of updates quantises finely."""
+    if reply.has_error():
+        raise RuntimeError(f"training failed: {reply.error.reason}")
+    received = msg.content.array_records["arrays"]
+    sent = reply.content.array_records["arrays"]
+    names = [n for n in received.keys() if n in sent]
+    if len(names) != len(sent):
+        raise ValueError(f"reply tensors not in the model: {sorted(set(sent.keys()) - set(names))[:5]}")
+    updates = {n: sent[n].numpy().astype(np.float64) - received[n].numpy().astype(np.float64) for n in names}
+    extras: dict = {"array-names": names}
+    if not all(np.isfinite(u).all() for u in updates.values()):
+        # Masked NaN would corrupt the whole sum. Withhold: zeros go into the protocol, the server
+        # drops this reply before summing (a dropout SecAgg+ recovers from) and logs why.
+        updates = {n: np.zeros_like(u) for n, u in updates.items()}
+        extras["withheld"] = "non-finite model update (NaN/Inf)"
+    metrics = reply.content.metric_records["metrics"]
+    protos = reply.content.array_records.get("prototypes")
+    if protos is not None and "centroids" in protos:
+        extras["centroids"] = ndarray_to_bytes(protos["centroids"].numpy())
+        extras["sizes"] = ndarray_to_bytes(protos["sizes"].numpy())
+    content = RecordDict({
+        "fitres.parameters": ArrayRecord({n: Array(u) for n, u in updates.items()}),
+        "fitres.num_examples": MetricRecord({"num_examples": int(metrics["num-examples"])}),
+        "fitres.metrics": ConfigRecord({}),
+        "fitres.status": ConfigRecord({"code": 0, "message": "Success"}),
+        "metrics": metrics,
+        SECAGG_EXTRAS: ConfigRecord(extras),
+    })
+    return Message(content, reply_to=msg)
+
+
+def privacy_mod(msg: Message, ctx: Context, call_next: Next) -> Message:
+    """Dispatch a train message to SecAgg+ and/or the DP mod the run configures."""
+    if msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, ctx)
+    mode = _setting(ctx, "dp-mode", "off")
+    dp: Mod | None = None
+    if mode == "central-fixed":
+        dp = single_record(fixedclipping_mod)
+    elif mode == "local":
+        clip = _setting(ctx, "dp-clipping-norm", 0.1)
+        dp = single_record(LocalDpMod(clip, clip, _setting(ctx, "dp-epsilon", 1.0), _setting(ctx, "dp-delta", 1e-5)))
+    elif mode != "off":
+        raise ValueError(f"dp-mode: unknown {mode!r}")
+    train: Next = call_next if dp is None else (lambda m, c: dp(m, c, call_next))
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, ctx, lambda m, c: legacy_reply(m, train(m, c)))
+    return train(msg, ctx)
