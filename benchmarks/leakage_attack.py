@@ -23,14 +23,16 @@ shows its memories at ~26 entries after ~10 participations and ~41 at the end.
     python benchmarks/leakage_attack.py --checkpoint outputs/fed-full_450rounds/checkpoint-finetune.pt
 
 The default of ``min-cluster-size`` / ``prototype-noise`` is selected on *validation* NDCG@10:
-the setting with the lowest noise whose mean attack AUC is <= --target-auc and whose validation
-NDCG@10 is within --max-loss of the unprotected release (min-cluster-size 1, no noise).
+among the settings whose mean attack AUC is <= --target-auc and whose validation NDCG@10 is within
+--max-loss of the unprotected release (min-cluster-size 1, no noise), the one with the least noise
+(at equal noise: the checkpoint's min-cluster-size if it qualifies, else the lowest AUC).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -156,6 +158,11 @@ def utility(cfg: ExperimentConfig, data, model, memory: LocalDynamicMemory, rele
     return out
 
 
+def _portable(values: dict) -> dict:
+    """Absolute paths of this machine made relative to the working directory (results are shared)."""
+    return {k: os.path.relpath(v) if isinstance(v, str) and os.path.isabs(v) else v for k, v in values.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -203,12 +210,14 @@ def main(argv: list[str] | None = None) -> int:
                 1 - row[f"{split}_NDCG@10"] / unprotected[f"{split}_NDCG@10"], 5)
     ok = [r for r in settings if r["attack_auc_mean"] <= args.target_auc
           and r["valid_NDCG@10_loss_vs_unprotected"] <= args.max_loss]
-    chosen = min(ok, key=lambda r: (r["prototype_noise"], r["min_cluster_size"])) if ok else None
+    # Least noise; at equal noise keep the current min-cluster-size if it qualifies, else the lowest AUC.
+    chosen = min(ok, key=lambda r: (r["prototype_noise"], r["min_cluster_size"] != cfg.min_cluster_size,
+                                    r["attack_auc_mean"])) if ok else None
     current = next((r for r in settings if r["min_cluster_size"] == cfg.min_cluster_size
                     and r["prototype_noise"] == cfg.prototype_noise), None)
     payload = {
         "command": command_line(), "machine": machine_description(), "checkpoint": args.checkpoint,
-        "experiment": cfg.flat(), "participations": args.participations, "seed": args.seed,
+        "experiment": _portable(cfg.flat()), "participations": args.participations, "seed": args.seed,
         "memories": str(cache),
         "memory_size": {"mean": round(float(sizes.mean()), 2), "min": int(sizes.min()), "max": int(sizes.max())},
         "attack": "score = max cosine(item vector [ID|text|image], released centroids); positives = memory items, "

@@ -439,3 +439,14 @@ def test_central_dp_mean_is_fixed_denominator_clipped_and_noised_then_fedadam(mo
     assert metrics["dp-noise-std"] == pytest.approx(2.0 / 4)
     assert float(out["emb"].numpy().std()) == pytest.approx(0.5, rel=0.03)  # zero updates + N(0, (zC/m)^2)
     assert dp.accountant.epsilon() == pytest.approx(RdpAccountant(1e-5, [(1.0, 1.0, 1)]).epsilon())
+
+
+def test_local_dp_composes_with_secagg(tmp_path, task_identity) -> None:
+    """LocalDpMod noises the update before secaggplus_mod masks it; the server counts releases."""
+    run = run_inprocess(tmp_path, "local-secagg", {"secure-aggregation": True, "dp-mode": "local",
+                                                    "stage-schedule": "pretrain:2"})
+    assert [r["train"]["num-accepted"] for r in run["history"]] == [NUM_USERS, NUM_USERS]
+    assert run["summary"]["privacy"]["dp"]["max_releases_per_node"] == 2
+    assert run["summary"]["privacy"]["secure_aggregation"] is not None
+    plain = run["last"]["state_dict"]["backbone.item_emb.weight"].numpy()
+    assert np.isfinite(plain).all()
