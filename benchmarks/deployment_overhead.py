@@ -158,7 +158,9 @@ def main() -> None:
     }
     means = result["mean_round_seconds_after_round_1"]
     result["ours_per_round_s"] = round(means["feddmmr_deployment"] - means["noop_deployment"], 2)
-    atomic_write_json(Path(args.out), result)
+    # Paths as a reader of the repository sees them (relative to the checkout), not this machine's.
+    text = json.dumps(result).replace(str(REPO) + "/", "").replace(str(REPO.parent) + "/", "../")
+    atomic_write_json(Path(args.out), json.loads(text))
     shutil.rmtree(root, ignore_errors=True)
     say(f"no-op {means['noop_deployment']} s/round, FedDMMR {means['feddmmr_deployment']} s/round "
         f"(simulation {means['feddmmr_simulation']}); ours {result['ours_per_round_s']} s -> {args.out}")
