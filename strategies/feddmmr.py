@@ -394,6 +394,13 @@ class FedDMMRStrategy(Strategy):
         else:
             logger.warning("Round %d: no usable train reply, global model unchanged", server_round)
 
+        metrics = self.round_metrics(server_round, accepted)
+        if accepted:
+            metrics["update-norm-median"] = float(np.median([c.update_norm for c in accepted]))
+        return arrays, metrics
+
+    def round_metrics(self, server_round: int, accepted: list[_Candidate]) -> MetricRecord:
+        """A round's train metrics: the clients' weighted means plus what the server saw of the round."""
         metrics = weighted_metrics([c.metrics for c in accepted], self.weighted_by_key)
         metrics["num-accepted"] = len(accepted)
         metrics["num-rejected"] = len(self.rejected[server_round])
@@ -401,12 +408,11 @@ class FedDMMRStrategy(Strategy):
         metrics["num-prototypes"] = 0 if self.prototypes is None else int(self.prototypes.shape[0])
         metrics["stage-index"] = STAGES.index(self.stage_for_round(server_round))
         if accepted:
-            metrics["update-norm-median"] = float(np.median([c.update_norm for c in accepted]))
             seconds = [float(c.metrics.get("client-train-seconds", 0.0)) for c in accepted]  # type: ignore[arg-type]
             metrics["total-client-train-seconds"] = float(sum(seconds))
         if self.pre_aggregate is not None and hasattr(self.pre_aggregate, "metrics"):
             metrics.update(self.pre_aggregate.metrics())
-        return arrays, metrics
+        return metrics
 
     def _drop_norm_outliers(self, server_round: int, cands: list[_Candidate]) -> list[_Candidate]:
         if self.norm_outlier_factor is None or len(cands) < 3:

@@ -42,10 +42,9 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from feddmmr_flower.prototype_aggregation import validate_client
-from feddmmr_flower.stages import STAGES
 
 from .dp import LocalDPReport
-from .feddmmr import FedDMMRStrategy, _Candidate, weighted_metrics
+from .feddmmr import FedDMMRStrategy, _Candidate
 
 logger = logging.getLogger("flwr.feddmmr")
 SECAGG_EXTRAS = "feddmmr-plaintext"  # same name as client_app.privacy_mods.SECAGG_EXTRAS
@@ -232,16 +231,6 @@ class SecAggPlusAggregation:
             candidates = []
             logger.warning("Round %d: SecAgg+ produced no aggregate, global model unchanged", server_round)
 
-        metrics = weighted_metrics([c.metrics for c in candidates], strategy.weighted_by_key)
-        metrics["num-accepted"] = len(candidates)
-        metrics["num-rejected"] = len(strategy.rejected[server_round])
-        metrics["num-failed"] = len(strategy.failed[server_round])
-        metrics["num-prototypes"] = 0 if strategy.prototypes is None else int(strategy.prototypes.shape[0])
-        metrics["stage-index"] = STAGES.index(strategy.stage_for_round(server_round))
+        metrics = strategy.round_metrics(server_round, candidates)
         metrics["secure-aggregation"] = 1
-        if candidates:
-            seconds = [float(c.metrics.get("client-train-seconds", 0.0)) for c in candidates]  # type: ignore[arg-type]
-            metrics["total-client-train-seconds"] = float(sum(seconds))
-        if strategy.pre_aggregate is not None and hasattr(strategy.pre_aggregate, "metrics"):
-            metrics.update(strategy.pre_aggregate.metrics())
         return out, metrics
