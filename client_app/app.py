@@ -11,7 +11,7 @@ per node with ``--node-config``; they win over the run config, which is the same
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from feddmmr_flower.client import runtime_for
@@ -19,21 +19,13 @@ from feddmmr_flower.client_state import MemoryFile
 from feddmmr_flower.config import ExperimentConfig
 
 from .privacy_mods import privacy_mod
-from .wire import wire_mod
+from .wire import to_numpy, to_record, wire_mod
 
 # Outermost: unpack the model (packed into one array on the wire); then DP / SecAgg+ per run config.
 app = ClientApp(mods=[wire_mod, privacy_mod])
 
 # Settings that describe the node's own disk and hardware, not the experiment.
 NODE_LOCAL_KEYS = ("data-dir", "cache-dir", "items-file", "descriptions", "posters-dir", "movies-dat", "device")
-
-
-def _numpy(record: ArrayRecord | None) -> dict[str, np.ndarray]:
-    return {} if record is None else {name: array.numpy() for name, array in record.items()}
-
-
-def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
 
 
 def _config(context: Context) -> ExperimentConfig:
@@ -53,17 +45,17 @@ def _inputs(msg: Message, context: Context):
     cfg = _config(context)
     runtime = runtime_for(cfg)
     user = int(context.node_config["partition-id"])
-    arrays = _numpy(msg.content.array_records.get("arrays"))
-    prototypes = _numpy(msg.content.array_records.get("prototypes")).get("centroids")
+    arrays = to_numpy(msg.content.array_records.get("arrays"))
+    prototypes = to_numpy(msg.content.array_records.get("prototypes")).get("centroids")
     disk = _memory_file(msg, context, cfg, user)
-    memory = _numpy(context.state.array_records.get("memory")) or None
+    memory = to_numpy(context.state.array_records.get("memory")) or None
     if memory is None and disk is not None:
         memory = disk.load()  # a restarted node: its RAM state is gone, its disk is not
     return cfg, runtime, user, arrays, prototypes, memory, disk
 
 
 def _keep_memory(context: Context, disk: MemoryFile | None, memory: dict[str, np.ndarray]) -> None:
-    context.state["memory"] = _record(memory)
+    context.state["memory"] = to_record(memory)
     if disk is not None:
         disk.save(memory)
 
@@ -84,8 +76,8 @@ def train(msg: Message, context: Context) -> Message:
         arrays_out = {name: np.full_like(value, np.nan) for name, value in arrays_out.items()}
     metrics = MetricRecord({**outcome.metrics, "num-examples": outcome.num_examples, "partition-id": user})
     content = RecordDict({
-        "arrays": _record(arrays_out),
-        "prototypes": _record({"centroids": outcome.centroids, "sizes": outcome.sizes}),
+        "arrays": to_record(arrays_out),
+        "prototypes": to_record({"centroids": outcome.centroids, "sizes": outcome.sizes}),
         "metrics": metrics,
     })
     return Message(content=content, reply_to=msg)

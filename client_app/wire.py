@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from feddmmr_flower.packing import pack, packable, unpack
@@ -16,12 +17,20 @@ from feddmmr_flower.packing import pack, packable, unpack
 ARRAYS, LAYOUT, PACKED = "arrays", "layout", "packed"
 
 
+def to_numpy(record: ArrayRecord | None) -> dict[str, np.ndarray]:
+    return {} if record is None else {name: array.numpy() for name, array in record.items()}
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
+
+
 def pack_content(content: RecordDict) -> RecordDict:
     """``content`` with its "arrays" record packed (unchanged when there is nothing to gain)."""
     record = content.array_records.get(ARRAYS)
     if record is None:
         return content
-    arrays = {name: array.numpy() for name, array in record.items()}
+    arrays = to_numpy(record)
     if not packable(arrays):
         return content
     flat, layout = pack(arrays)
@@ -41,7 +50,7 @@ def unpack_content(content: RecordDict) -> RecordDict:
         raise ValueError("packed message: a layout but no packed arrays")
     arrays = unpack(record[PACKED].numpy(), str(layout[ARRAYS]))
     plain = RecordDict({k: v for k, v in content.items() if k != LAYOUT})
-    plain[ARRAYS] = ArrayRecord({name: Array(value) for name, value in arrays.items()})
+    plain[ARRAYS] = ArrayRecord({name: Array(value) for name, value in arrays.items()})  # keeps 0-d shapes
     return plain
 
 

@@ -18,10 +18,10 @@ import torch
 
 from .config import ExperimentConfig
 from .evaluation import evaluate, metrics_from_ranks
-from .experiment import build_model, load_assets, memory_config, prototype_config, train_config
+from .experiment import build_model, first_memory, load_assets, memory_config, prototype_config, train_config
 from .memory import LocalDynamicMemory
 from .stages import apply_stage, load_arrays, trainable_state
-from .train import memory_prototypes, model_scorer, refresh_memory, train_epoch
+from .train import memory_prototypes, model_scorer, train_epoch
 
 
 @dataclass
@@ -133,9 +133,7 @@ class ClientRuntime:
         proto = self._prepare(arrays, prototypes)
         memory = self._memory(memory_state)
         if self.model.config.uses_experts and int(memory.step[0]) == 0:
-            refresh_memory(self.model, self.assets.data, np.array([user]), np.zeros(1, dtype=np.int64), memory,
-                           self.train_cfg, torch.Generator(device=self.cfg.device).manual_seed(self.cfg.seed),
-                           self.cfg.device)
+            memory = first_memory(self.model, self.assets.data, user, self.cfg)
         self.model.eval()
         result = evaluate(self.assets.data, model_scorer(self.model, memory, lambda u: np.zeros(len(u), np.int64),
                                                          proto), split, maxlen=self.model.config.maxlen,

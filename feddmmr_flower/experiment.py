@@ -13,15 +13,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import ExperimentConfig
 from .data import PrepareOptions, SequenceData, prepare_dataset
 from .errors import ConfigError
-from .memory import MemoryConfig
+from .memory import LocalDynamicMemory, MemoryConfig
 from .models.feddmmr import FedDMMR, FedDMMRConfig
 from .prototypes import PrototypeConfig
-from .train import TrainConfig
+from .train import TrainConfig, refresh_memory
 
 
 @dataclass
@@ -96,14 +97,28 @@ def build_model(cfg: ExperimentConfig, assets: Assets) -> FedDMMR:
     """A freshly initialised model (seeded) with the item feature tables installed."""
     torch.manual_seed(cfg.seed)
     model = FedDMMR(model_config(cfg, assets.data))
-    text, visual = assets.features.get("text"), assets.features.get("visual")
-    if cfg.variant != "sasrec" and text is None and visual is None:
+    if cfg.variant != "sasrec" and assets.features.get("text") is None and assets.features.get("visual") is None:
         raise ConfigError(f"variant {cfg.variant!r} needs item features: enable text-features or visual-features")
+    install_features(model, assets)
+    return model.to(cfg.device)
+
+
+def install_features(model: FedDMMR, assets: Assets) -> None:
+    """Put the (non-trained, never sent) item feature tables into ``model``."""
+    text, visual = assets.features.get("text"), assets.features.get("visual")
     model.set_features(
         visual=None if visual is None else visual.vectors, visual_mask=None if visual is None else visual.mask,
         text=None if text is None else text.vectors, text_mask=None if text is None else text.mask,
     )
-    return model.to(cfg.device)
+
+
+def first_memory(model: FedDMMR, data: SequenceData, user: int, cfg: ExperimentConfig) -> LocalDynamicMemory:
+    """The memory a client builds from its training sequence before it ever trained (a client that
+    evaluates first, ``feddmmr recommend`` on a federated run): one code path for both."""
+    memory = LocalDynamicMemory.single(memory_config(cfg))
+    refresh_memory(model, data, np.array([user]), np.zeros(1, dtype=np.int64), memory, train_config(cfg),
+                   torch.Generator(device=cfg.device).manual_seed(cfg.seed), cfg.device)
+    return memory
 
 
 def load_weights(model: FedDMMR, path: str | Path) -> list[str]:

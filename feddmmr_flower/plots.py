@@ -20,6 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from .atomic import atomic_path  # noqa: E402
+
 STAGE_COLOURS = {"pretrain": "#ececec", "align": "#fff2cc", "finetune": "#e2f0d9"}
 RUN_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 Runs = dict[str, Sequence[dict]]
@@ -153,11 +155,10 @@ def _finish(fig, axes, runs: Runs, x: str, title: str, path: Path, stage_handles
         fig.legend(handles=stage_handles, loc="upper right", ncol=len(stage_handles), fontsize=8, frameon=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
     # PNG text chunks say what is drawn (a person's image viewer, and tests, can read them).
-    fig.savefig(tmp, dpi=110, metadata={"Title": title, "Description": "runs: " + "; ".join(runs)})
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Title": title, "Description": "runs: " + "; ".join(runs)})
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

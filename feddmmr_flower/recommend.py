@@ -28,10 +28,10 @@ import torch
 from .config import ExperimentConfig
 from .data.sequences import SequenceData
 from .errors import ConfigError, FedDMMRError, MissingDataError
-from .experiment import load_assets, memory_config, train_config
+from .experiment import first_memory, install_features, load_assets
 from .memory import LocalDynamicMemory, MemoryConfig
 from .models.feddmmr import EXPERT_NAMES, FedDMMR, FedDMMRConfig
-from .train import memory_slots, refresh_memory
+from .train import memory_slots
 
 NAMED_CHECKPOINTS = ("best", "last")
 
@@ -142,11 +142,7 @@ class Recommender:
             raise ConfigError(f"dataset mismatch: {run.checkpoint} was trained on {model_cfg.num_items} items, the "
                               f"dataset prepared from {cfg.data_dir} has {self.data.num_items} (--data-dir?)")
         self.model = FedDMMR(model_cfg)
-        text, visual = self.assets.features.get("text"), self.assets.features.get("visual")
-        self.model.set_features(visual=None if visual is None else visual.vectors,
-                                visual_mask=None if visual is None else visual.mask,
-                                text=None if text is None else text.vectors,
-                                text_mask=None if text is None else text.mask)
+        install_features(self.model, self.assets)
         try:
             self.model.load_state_dict(run.payload["state_dict"])
         except RuntimeError as exc:
@@ -167,11 +163,7 @@ class Recommender:
             for key in ("item", "position", "freq", "last_write", "surprise", "step", "counters"):
                 setattr(memory, key, saved[key].clone())
             return memory, user, "saved with the checkpoint (central training keeps every user's memory)"
-        cfg = self.run.cfg
-        memory = LocalDynamicMemory.single(memory_config(cfg))
-        generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
-        refresh_memory(self.model, self.data, np.array([user]), np.zeros(1, dtype=np.int64), memory,
-                       train_config(cfg), generator, cfg.device)
+        memory = first_memory(self.model, self.data, user, self.run.cfg)
         return memory, 0, ("rebuilt here from the user's training sequence with this model (refresh_memory, the "
                            "client's code path): a federated run's memories stay on the clients")
 

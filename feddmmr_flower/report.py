@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import plots
+from .atomic import atomic_write_bytes
 from .errors import DataFormatError, MissingDataError
 
 PLOTS = (("validation", plots.plot_validation, "Validation metrics per round"),
@@ -259,7 +260,5 @@ def write_report(run: str | Path, compare: list[str | Path] = (), out: str | Pat
     x = kinds.pop() if len(kinds) == 1 else "round / epoch"
     images = {name: draw(histories, out / f"{name}.png", x=x) for name, draw, _ in PLOTS}
     page = out / "report.md"
-    tmp = page.with_name(page.name + ".tmp")
-    tmp.write_text(render_markdown(runs, images))
-    tmp.replace(page)
+    atomic_write_bytes(page, render_markdown(runs, images).encode())
     return {"report": str(page), "plots": [str(p) for p in images.values()], "runs": [str(r.folder) for r in runs]}

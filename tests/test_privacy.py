@@ -18,7 +18,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from feddmmr_flower.config import ExperimentConfig
 from feddmmr_flower.errors import ConfigError
-from feddmmr_flower.experiment import load_assets, prototype_config
+from feddmmr_flower.experiment import load_assets
 from feddmmr_flower.memory import LocalDynamicMemory
 from feddmmr_flower.privacy import (
     RdpAccountant,

@@ -7,7 +7,6 @@ One run of 2 rounds (pretrain, then align) with every node sampled each round, o
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
