@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-config", default="", help="flwr-style overrides, e.g. \"strategy='fedavg' lr=0.1\"")
     parser.add_argument("--out", required=True, help="results JSON")
     parser.add_argument("--final-test", action="store_true", help="evaluate the test split on all users at the end")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     defaults = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     cfg = ExperimentConfig.from_flat({**defaults, **parse_run_config(args.run_config)}, strict=True)
     if cfg.strategy not in ("fedavg", "fedadam"):

@@ -17,95 +17,176 @@ def _fmt(value, digits: int = 4) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _central_label(path: Path) -> str:
-    """central_full_lr2e-4_ml100k.json -> 'full, finetune lr 2e-4'."""
-    tag = path.stem[len("central_"):].removesuffix("_ml100k")
-    variant, _, extra = tag.partition("_")
-    return variant + (f", finetune {extra.replace('lr', 'lr ')}" if extra else "")
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
-def quality_rows() -> list[str]:
-    rows = []
-    for path in sorted(RESULTS.glob("central_*.json")) + sorted(RESULTS.glob("federated_*.json")):
-        data = json.loads(path.read_text())
-        test = data.get("test", {})
-        sampled, full = test.get("sampled", {}), test.get("full", {})
-        if path.name.startswith("central_"):
-            setting = "central, " + _central_label(path)
-            best = f"epoch {data.get('best_epoch')} ({data.get('best_stage')})"
-        else:
-            exp = data["config"]["experiment"]
-            setting = f"federated {exp['strategy']}, {exp['variant']}"
-            best = f"round {data.get('best_round')} of {data.get('rounds')}"
-        wall = data.get("wall_time_s")
-        rows.append(f"| {setting} | {_fmt(sampled.get('HR@10'))} | {_fmt(sampled.get('NDCG@10'))} | "
-                    f"{_fmt(sampled.get('MRR'))} | {_fmt(full.get('HR@10'))} | {_fmt(full.get('NDCG@10'))} | "
-                    f"{best} | {_fmt(wall / 60 if wall else None, 1)} | `{path.name}` |")
-    return rows
+def _ms(stat: dict | None, digits: int = 4) -> str:
+    """mean ± std over seeds (std omitted for a single seed)."""
+    if not stat:
+        return "–"
+    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat.get("n", 1) > 1 else "")
 
 
-def bucket_rows() -> list[str]:
-    rows = []
-    for path in sorted(RESULTS.glob("central_*.json")):
-        data = json.loads(path.read_text())
-        buckets = data.get("test_by_history_length", {})
-        variant = _central_label(path)
-        cells = [f"{_fmt(b['sampled']['NDCG@10'])} / {_fmt(b['full']['NDCG@10'])} (n={b['num_users']})"
-                 for b in buckets.values()]
-        if cells:
-            rows.append(f"| central {variant} | " + " | ".join(cells) + " |")
-    return rows
+QUALITY_METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
 
 
-def federated_speed_rows(parallel: int = 2) -> list[str]:
-    """Mean round time and the share of it outside client training (clients run ``parallel`` at a time)."""
-    rows = []
-    for path in sorted(RESULTS.glob("federated_*.json")):
-        data = json.loads(path.read_text())
-        round_s, client_s = data.get("mean_round_seconds"), data.get("mean_client_train_seconds_per_round")
-        if not round_s or client_s is None:
-            continue
-        outside = 1.0 - min(1.0, client_s / parallel / round_s)
-        exp = data["config"]["experiment"]
-        rows.append(f"| {exp['strategy']}, {exp['variant']} | {data.get('rounds')} | {round_s:.2f} | "
-                    f"{client_s / parallel:.2f} | {outside:.0%} |")
-    return rows
-
-
-def throughput_rows() -> list[str]:
-    path = RESULTS / "throughput_ml100k.json"
-    if not path.is_file():
+def quality_section() -> list[str]:
+    data = _load("quality_ml100k.json")
+    if data is None:
         return []
-    data = json.loads(path.read_text())
+    rows = data["rows"]
+    seeds = ", ".join(map(str, data["seeds"]))
+    lines = [f"**Quality** (`quality_ml100k.json`, `python benchmarks/quality.py`; seeds {seeds}, mean ± sample std "
+             "over the seeds that finished — column n). Test split of all 943 users with the model each run selected "
+             "on the validation split. Federated rows: 943 clients, 10% sampled per round, the default 150-round "
+             "schedule, run by the real ServerApp loop, strategy and ClientApp in one process "
+             "(`server_app/inprocess.py`, no Ray).", ""]
+    for protocol, what in (("sampled", "sampled protocol (the held-out item among 100 sampled negatives)"),
+                           ("full", "full ranking (every item the user has not interacted with)")):
+        lines += [f"Test, {what}:", "",
+                  "| row | n | " + " | ".join(QUALITY_METRICS) + " | selected at | CPU min |",
+                  "|---|---|" + "---|" * len(QUALITY_METRICS) + "---|---|"]
+        for row in rows.values():
+            best = f"{row['best_unit']} {_ms(row['best'], 0)}"
+            lines.append(f"| {row['label']} | {row['best']['n']} | "
+                         + " | ".join(_ms(row[protocol][m]) for m in QUALITY_METRICS)
+                         + f" | {best} | {row['cpu_time_s']['mean'] / 60:.1f} |")
+        lines.append("")
+    if data.get("targets"):
+        chosen = rows.get(data.get("selected_full_row") or "", {}).get("label", "")
+        lines += [f"Targets (FedDMMR full = *{chosen}*, the strategy with the higher mean validation NDCG@10):", "",
+                  "| target | measured | bar | |", "|---|---|---|---|"]
+        for t in data["targets"]:
+            lines.append(f"| {t['target']} | {t['value']:.4f} | {t['bar']:.4f} | {'met' if t['met'] else '**missed**'} |")
+        lines.append("")
+    buckets = [r for k, r in rows.items() if k in ("central-sasrec", "central-full", "fedavg-sasrec", "fedadam-sasrec",
+                                                  "feddmmr-full-fedavg", "feddmmr-full-fedadam", "local-only")]
+    if buckets:
+        names = list(buckets[0]["by_history_length"])
+        counts = ", ".join(f"{n}: {buckets[0]['by_history_length'][n]['num_users']} users" for n in names)
+        lines += [f"Test NDCG@10 by training-history length ({counts}), sampled / full ranking:", "",
+                  "| row | " + " | ".join(f"{n} items" for n in names) + " |", "|---|" + "---|" * len(names)]
+        for row in buckets:
+            cells = [f"{_ms(row['by_history_length'][n]['sampled']['NDCG@10'], 3)} / "
+                     f"{_ms(row['by_history_length'][n]['full']['NDCG@10'], 3)}" for n in names]
+            lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if (RESULTS / "quality_curves.png").is_file():
+        lines += ["Validation NDCG@10 per round of the federated rows (mean ± std over seeds):", "",
+                  "![learning curves](benchmarks/results/quality_curves.png)", ""]
+    longer = _load("federated_full_450rounds.json")
+    if longer:
+        test = longer["test"]
+        lines += [f"A longer schedule through a real `flwr run` (Ray, 1 seed, `federated_full_450rounds.json`, "
+                  f"`{longer['config']['experiment']['stage-schedule']}`): FedDMMR full, FedAdam, test NDCG@10 "
+                  f"{test['sampled']['NDCG@10']:.4f} sampled / {test['full']['NDCG@10']:.4f} full, selected at round "
+                  f"{longer['best_round']} of {longer['rounds']}, {longer['wall_time_s'] / 60:.0f} min.", ""]
+    return lines
+
+
+def round_time_section() -> list[str]:
+    data = _load("round_time_ml100k.json")
+    if data is None:
+        return []
+    lines = [f"**Round time vs clients per round** (`round_time_ml100k.json`, `python benchmarks/round_time.py`): a "
+             f"real `flwr run` (Ray simulation, {data['users']} ML-100K users, FedDMMR full, one CPU per ClientApp so "
+             f"{data['cores']} at a time) against the floor, `benchmarks/inprocess_federation.py`, which runs the same "
+             "client computations and aggregation in one process without Flower (and that floor spread ideally "
+             "over the cores: floor / cores). Steady rounds (not the first, no validation). *client* = summed client training "
+             "seconds / cores; *no-op Flower* = Flower's no-op app moving one model-sized array to the same number "
+             "of clients and back.", "",
+             "| clients | stage | s / round | client | rest | no-op Flower | floor | × floor | floor / cores | × |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        for stage, v in row["simulation"].items():
+            lines.append(f"| {row['clients_per_round']} | {stage} | {v['round_s']:.2f} | {v['client_compute_s']:.2f} | "
+                         f"{v['rest_s']:.2f} | {_fmt(row.get('noop_simulation_round_s'), 2)} | "
+                         f"{_fmt(v.get('floor_s'), 2)} | {v.get('ratio_to_floor', '–')} | "
+                         f"{_fmt(v.get('floor_on_all_cores_s'), 2)} | {v.get('ratio_to_floor_on_all_cores', '–')} |")
+    lines.append("")
+    for t in data.get("targets", []):
+        lines.append(f"- {t['target']}: {t['value']} (bar {t['bar']}) — {'met' if t['met'] else '**missed**'}")
+    return lines + [""]
+
+
+def scaling_section() -> list[str]:
+    data = _load("scaling_synthetic.json")
+    if data is None:
+        return []
+    kinds = sorted({k for r in data["rows"] for k in r["memory_by_kind"]})
+    lines = [f"**Scaling with SYNTHETIC users** (`scaling_synthetic.json`, `python benchmarks/scaling.py`): users drawn "
+             "to match ML-100K's sequence lengths and item popularity (`benchmarks/synthetic_users.py`; no real "
+             f"preferences, so time and memory only), {data['per_round']} sampled per round, a real `flwr run`, "
+             "FedDMMR full with text features. Peak resident memory is per process (the largest of its kind).", "",
+             "| users | first round (s) | " + " | ".join(f"{s} s / round" for s in ("pretrain", "finetune"))
+             + " | " + " | ".join(f"{k} (MB)" for k in kinds) + " |",
+             "|---|---|---|---|" + "---|" * len(kinds)]
+    for r in data["rows"]:
+        lines.append(f"| {r['users']:,} | {r['first_round_s']:.1f} | "
+                     + " | ".join(_fmt(r['stages'].get(s, {}).get('round_s'), 2) for s in ("pretrain", "finetune"))
+                     + " | " + " | ".join(_fmt(r['memory_by_kind'].get(k, {}).get('max_peak_rss_mb'), 0) for k in kinds)
+                     + " |")
+    if data.get("flatness"):
+        f = data["flatness"]
+        lines += ["", "Largest ÷ smallest size: round time " + ", ".join(f"{k} ×{v}" for k, v in f["round_s_ratio"].items())
+                  + "; peak memory " + ", ".join(f"{k} ×{v}" for k, v in f["peak_rss_ratio"].items()) + "."]
+    if (RESULTS / "scaling_synthetic.png").is_file():
+        lines += ["", "![scaling](benchmarks/results/scaling_synthetic.png)"]
+    return lines + [""]
+
+
+def eval_section() -> list[str]:
+    data = _load("eval_speed_ml100k.json")
+    if data is None:
+        return []
+    c = data["central"]
+    return [f"**Evaluating every user** (`eval_speed_ml100k.json`, FedDMMR full, {data['users']} users, "
+            f"{data['threads']} threads): sampled protocol {c['sampled_all_users_s']:.2f} s + "
+            f"{c['build_memories_s']:.2f} s to build every user's memory = {c['sampled_with_memories_s']:.2f} s "
+            f"(target ≤ 10 s: {'met' if data['target']['met'] else '**missed**'}); both protocols "
+            f"{c['both_protocols_all_users_s']:.2f} s; as {data['users']} federated clients one after another "
+            f"(each its own memory, both protocols) {data['federated_clients_one_after_another_s']:.1f} s "
+            f"({data['federated_per_client_ms']:.1f} ms each).", ""]
+
+
+def throughput_section() -> list[str]:
+    data = _load("throughput_ml100k.json")
+    if data is None:
+        return []
     c, p = data["central"], data["per_client"]
-    return [
-        f"| central (batch {c['sasrec']['batch_size']}) | {c['sasrec']['sequences_per_s']} | "
-        f"{c['full']['sequences_per_s']} | {data['central_ratio_sasrec_over_full']}× |",
-        f"| one federated client | {p['sasrec']['sequences_per_s']} | {p['full']['sequences_per_s']} | "
-        f"{data['per_client_ratio_sasrec_over_full']}× |",
-    ]
+    return ["**Training throughput**, user sequences per second (`throughput_ml100k.json`, 2 CPU cores):", "",
+            "| where | SASRec | FedDMMR full | ratio |", "|---|---|---|---|",
+            f"| central (batch {c['sasrec']['batch_size']}) | {c['sasrec']['sequences_per_s']} | "
+            f"{c['full']['sequences_per_s']} | {data['central_ratio_sasrec_over_full']}× |",
+            f"| one federated client | {p['sasrec']['sequences_per_s']} | {p['full']['sequences_per_s']} | "
+            f"{data['per_client_ratio_sasrec_over_full']}× |", ""]
+
+
+def profile_section() -> list[str]:
+    after, before = _load("profile_round.json"), _load("profile_round_before.json")
+    if after is None:
+        return []
+    lines = [f"**Profile of one federated round** (`profile_round.json`, `python benchmarks/profile_round.py`: "
+             f"cProfile over the server and all {after['clients_per_round']} clients of one ML-100K round in one "
+             "process, so times include the profiler's overhead)."]
+    for stage, r in after["rounds"].items():
+        then = (before or {}).get("rounds", {}).get(stage)
+        lines += ["", f"{stage} round: {r['seconds']:.2f} s" + (f" (before: {then['seconds']:.2f} s)" if then else "")
+                  + ". Top 10 by own time:", "", "| own s | calls | function |", "|---|---|---|"]
+        lines += [f"| {x['self_s']:.3f} | {x['calls']} | `{x['function']}` |" for x in r["top_self_time"]]
+    if after.get("actions"):
+        lines += ["", "What was done about the hot spots:", ""] + [f"- {a}" for a in after["actions"]]
+    return lines + [""]
 
 
 def render() -> str:
-    lines = [START, "", "Test split, sampled protocol (1 positive + 100 negatives) and full ranking; the model of",
-             "each row was selected on the validation split.", "",
-             "| setting | HR@10 | NDCG@10 | MRR | full HR@10 | full NDCG@10 | selected | minutes | file |",
-             "|---|---|---|---|---|---|---|---|---|", *quality_rows()]
-    buckets = bucket_rows()
-    if buckets:
-        lines += ["", "Test NDCG@10 (sampled / full) by training-history length:", "",
-                  "| model | ≤ 50 items | 51–150 | > 150 |", "|---|---|---|---|", *buckets]
-    fed = federated_speed_rows()
-    if fed:
-        lines += ["", "Federated round time (Ray simulation, 94 clients per round, 2 ClientApps at a time; "
-                  "client time = summed client training seconds / 2):", "",
-                  "| run | rounds | s / round | client training s / round | outside client training |",
-                  "|---|---|---|---|---|", *fed]
-    speed = throughput_rows()
-    if speed:
-        lines += ["", "Training throughput, user sequences per second (2 CPU cores):", "",
-                  "| where | SASRec | FedDMMR full | ratio |", "|---|---|---|---|", *speed]
-    lines += ["", END]
+    lines = [START, ""]
+    for section in (quality_section, round_time_section, scaling_section, eval_section, throughput_section,
+                    profile_section):
+        lines += section()
+    lines += [END]
     return "\n".join(lines)
 
 

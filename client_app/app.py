@@ -19,7 +19,7 @@ from feddmmr_flower.client_state import MemoryFile
 from feddmmr_flower.config import ExperimentConfig
 
 from .privacy_mods import privacy_mod
-from .wire import to_numpy, to_record, wire_mod
+from .wire import LAYOUT, arrays_record, read_arrays, to_numpy, to_record, wire_mod
 
 # Outermost: unpack the model (packed into one array on the wire); then DP / SecAgg+ per run config.
 app = ClientApp(mods=[wire_mod, privacy_mod])
@@ -45,7 +45,7 @@ def _inputs(msg: Message, context: Context):
     cfg = _config(context)
     runtime = runtime_for(cfg)
     user = int(context.node_config["partition-id"])
-    arrays = to_numpy(msg.content.array_records.get("arrays"))
+    arrays = read_arrays(msg.content)
     prototypes = to_numpy(msg.content.array_records.get("prototypes")).get("centroids")
     disk = _memory_file(msg, context, cfg, user)
     memory = to_numpy(context.state.array_records.get("memory")) or None
@@ -76,7 +76,7 @@ def train(msg: Message, context: Context) -> Message:
         arrays_out = {name: np.full_like(value, np.nan) for name, value in arrays_out.items()}
     metrics = MetricRecord({**outcome.metrics, "num-examples": outcome.num_examples, "partition-id": user})
     content = RecordDict({
-        "arrays": to_record(arrays_out),
+        **arrays_record(arrays_out, packed=LAYOUT in msg.content.config_records),
         "prototypes": to_record({"centroids": outcome.centroids, "sizes": outcome.sizes}),
         "metrics": metrics,
     })

@@ -93,6 +93,9 @@ class ExperimentConfig:
     secagg_clipping_range: float = 1.0  # SecAgg+ clips each update coordinate to +-this before quantising
     # evaluation and bookkeeping
     eval_every: int = 5
+    # federated: test every user with the best model at the end (false: skip it, e.g. for 100k-user
+    # scaling runs, where it means 100k evaluate messages)
+    final_test: bool = True
     eval_negatives: int = 100
     eval_seed: int = 0
     patience: int = 10

@@ -87,6 +87,9 @@ def metrics_from_ranks(ranks: np.ndarray | torch.Tensor, ks: Iterable[int] = KS)
     return out
 
 
+HISTORY_EDGES = (50, 150)  # training items: the per-history-length breakdown's buckets
+
+
 @dataclass
 class EvalResult:
     """Per-user ranks of one split under each protocol; metrics are derived, never stored twice."""
@@ -102,16 +105,21 @@ class EvalResult:
     def summary(self) -> dict[str, dict[str, float]]:
         return {protocol: self.metrics(protocol) for protocol in self.ranks}
 
-    def by_history_length(self, data: SequenceData, edges: tuple[int, ...] = (50, 150)) -> dict:
+    def by_history_length(self, data: SequenceData, edges: tuple[int, ...] = HISTORY_EDGES) -> dict:
         """Metrics per bucket of training-history length: ≤ e0, e0+1..e1, > e1."""
-        lengths = data.train_lengths(self.users)
-        bounds = (0,) + edges + (np.iinfo(np.int64).max,)
-        out = {}
-        for low, high in zip(bounds[:-1], bounds[1:]):
-            name = f"<={high}" if low == 0 else (f">{low}" if high == bounds[-1] else f"{low + 1}-{high}")
-            mask = (lengths > low) & (lengths <= high)
-            out[name] = {"num_users": int(mask.sum()), **{p: self.metrics(p, mask) for p in self.ranks}}
-        return out
+        return {name: {"num_users": int(mask.sum()), **{p: self.metrics(p, mask) for p in self.ranks}}
+                for name, mask in history_buckets(data.train_lengths(self.users), edges).items()}
+
+
+def history_buckets(lengths: np.ndarray, edges: tuple[int, ...] = HISTORY_EDGES) -> dict[str, np.ndarray]:
+    """{"<=50": mask, "51-150": mask, ">150": mask} over users' training-history lengths."""
+    lengths = np.asarray(lengths)
+    bounds = (0,) + tuple(edges) + (np.iinfo(np.int64).max,)
+    out = {}
+    for low, high in zip(bounds[:-1], bounds[1:]):
+        name = f"<={high}" if low == 0 else (f">{low}" if high == bounds[-1] else f"{low + 1}-{high}")
+        out[name] = (lengths > low) & (lengths <= high)
+    return out
 
 
 @torch.no_grad()
@@ -141,6 +149,8 @@ def evaluate(
     for start in range(0, len(users), batch_size):
         batch = users[start: start + batch_size]
         inputs = torch.as_tensor(data.input_window(batch, split, maxlen), device=device)
+        # Scores are per item, so with both protocols one pass over the catalogue serves both.
+        full_scores = scorer(batch, inputs, None).float() if "full" in protocols else None
         if "sampled" in protocols:
             key = (split, num_negatives, seed)
             if candidates_cache is not None and key in candidates_cache:
@@ -148,10 +158,10 @@ def evaluate(
             else:
                 cand = sample_candidates(data, batch, split, num_negatives, seed)
             cand_t = torch.as_tensor(cand, device=device)
-            scores = scorer(batch, inputs, cand_t).float()
+            scores = full_scores.gather(1, cand_t) if full_scores is not None else scorer(batch, inputs, cand_t).float()
             ranks["sampled"].append(rank_of_first(scores).cpu())
-        if "full" in protocols:
-            scores = scorer(batch, inputs, None).float()
+        if full_scores is not None:
+            scores = full_scores
             target = torch.as_tensor(data.target(batch, split), device=device)
             valid = ~torch.as_tensor(data.history_mask(batch, "all"), device=device)
             valid[torch.arange(len(batch), device=device), target] = True

@@ -247,3 +247,62 @@ def plot_curves(runs: Runs, path: Path, x: str = "round") -> Path:
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=10)
     return _finish(fig, axes, runs, x, _title("FedDMMR run", runs), path, stage_handles)
+
+
+def plot_mean_curves(curves: dict[str, Sequence[tuple[float, float, float]]], path: Path, *, title: str,
+                     ylabel: str, xlabel: str = "round") -> Path:
+    """One line per label: the mean over seeds at each x with a ±1 std band (benchmarks)."""
+    fig, (ax,) = _figure(1, 1, height=4.2)
+    fig.set_size_inches(8.0, 4.6)
+    for i, (label, points) in enumerate(curves.items()):
+        xs = [p[0] for p in points]
+        mean = [p[1] for p in points]
+        ax.plot(xs, mean, color=_colour(i), label=label, linewidth=1.5)
+        ax.fill_between(xs, [m - p[2] for m, p in zip(mean, points)], [m + p[2] for m, p in zip(mean, points)],
+                        color=_colour(i), alpha=0.15, linewidth=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Title": title, "Description": "runs: " + "; ".join(curves)})
+    plt.close(fig)
+    return path
+
+
+def plot_scaling(rows: Sequence[dict], path: Path) -> Path:
+    """Round time per stage and peak memory per kind of process vs the number of (synthetic) users."""
+    fig, (left, right) = _figure(2, 2, height=4.0)
+    users = [r["users"] for r in rows]
+    stages = sorted({s for r in rows for s in r["stages"]})
+    for i, stage in enumerate(stages):
+        ys = [r["stages"].get(stage, {}).get("round_s", float("nan")) for r in rows]
+        left.plot(users, ys, marker="o", color=_colour(i), label=f"{stage} round")
+    left.plot(users, [r["first_round_s"] for r in rows], marker="s", linestyle="--", color="grey",
+              label="first round (start-up)")
+    left.set_ylabel("seconds")
+    kinds = sorted({k for r in rows for k in r["memory_by_kind"]},
+                   key=lambda k: -max(r["memory_by_kind"].get(k, {}).get("max_peak_rss_mb", 0) for r in rows))
+    for i, kind in enumerate(kinds[:6]):
+        ys = [r["memory_by_kind"].get(kind, {}).get("max_peak_rss_mb", float("nan")) for r in rows]
+        right.plot(users, ys, marker="o", color=_colour(i), label=kind)
+    right.set_ylabel("peak RSS per process (MB)")
+    for ax, title in ((left, "time per round"), (right, "peak memory of each kind of process")):
+        ax.set_xscale("log")
+        ax.set_xlabel("users in the federation (synthetic)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    title = "Scaling with SYNTHETIC users (a fixed number sampled per round)"
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Title": title})
+    plt.close(fig)
+    return path

@@ -230,11 +230,14 @@ class FederatedRun:
         best = self.strategy.best
         arrays = best.arrays if best is not None else self.arrays
         prototypes = best.prototypes if best is not None else self.strategy.prototypes
-        _say(f"[feddmmr] final test on all {len(self.grid.get_node_ids())} nodes with the best model "
-             f"(round {best.server_round if best else 'last'})")
-        test = self.strategy.evaluate_all(self.grid, arrays, split="test", prototypes=prototypes,
-                                          config=ConfigRecord({"run-key": self.run_key}))
-        test = _metrics(test)
+        test: dict = {}
+        if self.cfg.final_test:
+            _say(f"[feddmmr] final test on all {len(self.grid.get_node_ids())} nodes with the best model "
+                 f"(round {best.server_round if best else 'last'})")
+            test = _metrics(self.strategy.evaluate_all(self.grid, arrays, split="test", prototypes=prototypes,
+                                                       config=ConfigRecord({"run-key": self.run_key})))
+        else:
+            _say("[feddmmr] final-test = false: no test evaluation (best.pt holds the selected model)")
         sampled = {k: v for k, v in test.items() if k.split("@")[0] in ("HR", "NDCG") or k == "MRR"}
         full = {k[len("full-"):]: v for k, v in test.items() if k.startswith("full-")}
         rounds = [r["seconds"] for r in self.history]

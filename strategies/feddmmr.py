@@ -38,7 +38,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
 
-from client_app.wire import pack_content, unpack_message
+from client_app.wire import PACKED, from_array, pack_content, to_array, to_numpy, to_record, unpack_message
+from feddmmr_flower.packing import pack, unpack
 from feddmmr_flower.prototype_aggregation import Metric, aggregate_prototypes
 from feddmmr_flower.stages import STAGES, StageSchedule, StageSegment
 
@@ -189,6 +190,7 @@ class FedDMMRStrategy(Strategy):
         self.weighted_by_key = weighted_by_key
         self.pre_aggregate = pre_aggregate
         self.pack_arrays = pack_arrays  # one array on the wire instead of one per tensor (client_app/wire.py)
+        self._pack_base, self._base_layout = False, ""  # see configure_train
 
         self.prototypes: np.ndarray | None = (
             None if initial_prototypes is None else np.asarray(initial_prototypes, np.float32)
@@ -276,6 +278,13 @@ class FedDMMRStrategy(Strategy):
         self._global, self._names = arrays, names
         cfg = self.round_config(server_round, config)
         subset = ArrayRecord({n: arrays[n] for n in names})
+        # The base sees the trainable arrays as ONE vector when nothing hooks in between (no DP, no
+        # SecAgg+): every base strategy here is elementwise, so this is exact, and Flower's
+        # per-array work (Array.numpy per array and reply) drops out of aggregation.
+        self._pack_base = self.pack_arrays and self.pre_aggregate is None
+        if self._pack_base:
+            flat, self._base_layout = pack(to_numpy(subset))
+            subset = ArrayRecord({PACKED: to_array(flat)})
         sampled = list(self.base.configure_train(server_round, subset, cfg, grid))
         if sampled:  # the base may have added entries (FedProx: "proximal-mu")
             cfg = sampled[0].content.config_records.get("config", cfg)
@@ -330,15 +339,15 @@ class FedDMMRStrategy(Strategy):
             g = global_np[name]
             if tuple(arrays[name].shape) != g.shape:
                 return None, pid, f"wrong shape for {name!r}: {tuple(arrays[name].shape)} != {g.shape}"
-            a = arrays[name].numpy()
+            a = from_array(arrays[name])
             if a.dtype.kind in "fc" and not np.isfinite(a).all():
                 return None, pid, f"NaN/Inf in {name!r}"
             sq += float(np.sum((a.astype(np.float64) - g) ** 2))
         protos = None
         proto_rec = content.array_records.get("prototypes")
         if proto_rec is not None and "centroids" in proto_rec:
-            c = proto_rec["centroids"].numpy()
-            s = proto_rec["sizes"].numpy() if "sizes" in proto_rec else np.zeros(0)
+            c = from_array(proto_rec["centroids"])
+            s = from_array(proto_rec["sizes"]) if "sizes" in proto_rec else np.zeros(0)
             if not (np.isfinite(c).all() and np.isfinite(s.astype(np.float64)).all()):
                 return None, pid, "NaN/Inf in prototypes"
             protos = (c, s)
@@ -357,7 +366,7 @@ class FedDMMRStrategy(Strategy):
             m.metadata.message_id: m.metadata.dst_node_id for m in self._sent if m.metadata.message_id
         }
         answered = {m.metadata.reply_to_message_id for m in replies}
-        global_np = {n: self._global[n].numpy().astype(np.float64) for n in self._names}
+        global_np = {n: from_array(self._global[n]).astype(np.float64) for n in self._names}
 
         candidates: list[_Candidate] = []
         for msg in replies:
@@ -436,10 +445,10 @@ class FedDMMRStrategy(Strategy):
         clean = []
         for c in accepted:
             m = copy.copy(c.msg)  # shares metadata; content replaced on the copy only
-            m.content = RecordDict({
-                "arrays": ArrayRecord({n: c.arrays[n] for n in self._names}),
-                "metrics": MetricRecord({self.weighted_by_key: c.num_examples}),
-            })
+            arrays = ArrayRecord({n: c.arrays[n] for n in self._names})
+            if self._pack_base:
+                arrays = ArrayRecord({PACKED: to_array(pack(to_numpy(arrays))[0])})
+            m.content = RecordDict({"arrays": arrays, "metrics": MetricRecord({self.weighted_by_key: c.num_examples})})
             clean.append(m)
         if self.pre_aggregate is not None:
             current = ArrayRecord({n: self._global[n] for n in self._names})  # type: ignore[index]
@@ -452,6 +461,8 @@ class FedDMMRStrategy(Strategy):
         except (AggregationError, InconsistentMessageReplies) as exc:
             logger.error("Round %d: base aggregation failed (%s); global model unchanged", server_round, exc)
             return None
+        if self._pack_base and aggregated is not None:
+            aggregated = to_record(unpack(from_array(aggregated[PACKED]), self._base_layout))
         return aggregated
 
     def _overlay(self, aggregated: ArrayRecord, global_np: dict[str, np.ndarray]) -> ArrayRecord:
@@ -461,7 +472,7 @@ class FedDMMRStrategy(Strategy):
         for name, arr in self._global.items():
             if name in global_np and name in aggregated:
                 dtype = np.dtype(arr.dtype) if arr.dtype else np.float32
-                out[name] = Array(np.ascontiguousarray(aggregated[name].numpy(), dtype=dtype))
+                out[name] = to_array(np.asarray(from_array(aggregated[name]), dtype=dtype))
             else:
                 out[name] = arr
         return out

@@ -213,10 +213,14 @@ def test_evaluate_passes_the_right_inputs_and_candidates(random_data):
         return torch.zeros(len(users), random_data.num_items + 1)
 
     users = np.array([3, 1, 4, 1, 5])
+    evaluate(random_data, recording, "valid", maxlen=6, users=users, batch_size=2, seed=3, protocols=("sampled",))
+    np.testing.assert_array_equal(np.concatenate(seen["cand"]), sample_candidates(random_data, users, "valid", seed=3))
+    seen.clear()
+    # both protocols: one scoring pass over the catalogue per batch serves both
     result = evaluate(random_data, recording, "valid", maxlen=6, users=users, batch_size=2, seed=3)
     np.testing.assert_array_equal(result.users, users)
-    np.testing.assert_array_equal(np.concatenate(seen["cand"]), sample_candidates(random_data, users, "valid", seed=3))
-    inputs = np.concatenate(seen["inputs"][::2])
+    assert "cand" not in seen and len(seen["inputs"]) == 3
+    inputs = np.concatenate(seen["inputs"])
     np.testing.assert_array_equal(inputs, random_data.input_window(users, "valid", 6))
     # all-zero scores: expected rank under the average tie rule
     assert result.ranks["sampled"].tolist() == [51.0] * 5

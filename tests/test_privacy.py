@@ -1,7 +1,7 @@
 """Privacy (issue #7): what leaves a client, DP (central and local), SecAgg+, prototype release.
 
 The federated runs here are the real ``FederatedRun`` round loop driving the real ClientApp (with
-its mods) through ``tests.inprocess.InProcessGrid``, every message serialised to Flower's wire
+its mods) through ``server_app.inprocess.InProcessGrid``, every message serialised to Flower's wire
 format; ``tests/test_privacy_simulation.py`` repeats the SecAgg+ comparison in a real ``flwr run``.
 """
 
@@ -29,7 +29,7 @@ from feddmmr_flower.privacy import (
 from feddmmr_flower.prototypes import PrototypeConfig, local_prototypes
 
 from .conftest import synthetic_ml100k
-from .inprocess import InProcessGrid
+from server_app.inprocess import InProcessGrid
 
 NUM_USERS = 6
 TINY = {"stage-schedule": "pretrain:1,align:1,finetune:1", "fraction-train": 1.0, "eval-every": 1,

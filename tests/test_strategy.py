@@ -464,3 +464,23 @@ def test_norm_below_the_outlier_factor_is_accepted() -> None:
     _, metrics = st.aggregate_train(1, [reply(m, {"emb": gn["emb"] + d, "w": gn["w"] + d}, 1, i)
                                         for i, (m, d) in enumerate(zip(ins, deltas))])
     assert metrics["num-accepted"] == 4 and st.rejected[1] == []
+
+
+@pytest.mark.parametrize("base", ["fedavg", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg"])
+def test_the_base_aggregating_one_packed_vector_equals_aggregating_each_array(base: str) -> None:
+    """With the model packed on the wire the base sees one vector; elementwise bases give the same model."""
+    results = {}
+    for packed in (False, True):
+        strategy = make_strategy(base, schedule="pretrain:3", pack_arrays=packed)
+        arrays, rng = global_arrays(), np.random.default_rng(7)
+        for rnd in (1, 2, 3):
+            msgs = configure(strategy, rnd, arrays, [1, 2, 3, 4])
+            current = to_np(arrays)
+            replies = [reply(m, {k: current[k] + rng.normal(scale=0.1, size=current[k].shape).astype(np.float32)
+                                 for k in TRAINABLE["pretrain"]}, n=10 * (i + 1), pid=i)
+                       for i, m in enumerate(msgs)]
+            arrays, _ = strategy.aggregate_train(rnd, replies)
+        results[packed] = to_np(arrays)
+        assert strategy._pack_base == packed
+    for name, value in results[False].items():
+        np.testing.assert_allclose(results[True][name], value, rtol=0, atol=1e-6, err_msg=name)

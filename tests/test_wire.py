@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
-from client_app.wire import pack_content, unpack_content, wire_mod
+from client_app.wire import arrays_record, from_array, pack_content, read_arrays, to_array, unpack_content, wire_mod
 from feddmmr_flower.packing import pack, packable, unpack
 
 
@@ -64,20 +64,50 @@ def _message(content: RecordDict) -> Message:
     return Message(content=content, metadata=metadata)
 
 
-def test_the_client_mod_shows_the_app_named_arrays_and_packs_its_reply():
+def test_with_dp_the_client_mod_shows_the_app_named_arrays_and_packs_its_reply():
     seen = {}
 
     def app(msg: Message, context: Context) -> Message:
+        assert "layout" not in msg.content.config_records  # the DP mods clip named arrays
         seen.update({k: v.numpy() for k, v in msg.content.array_records["arrays"].items()})
         update = {k: v + 1 for k, v in seen.items()}
         return Message(content=_content(update), reply_to=msg)
 
-    context = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={})
+    context = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={"dp-mode": "local"})
     reply = wire_mod(_message(pack_content(_content(_arrays()))), context, app)
     assert set(seen) == set(_arrays())
     assert list(reply.content.array_records["arrays"]) == ["packed"]
     back = unpack_content(reply.content).array_records["arrays"]
     assert np.array_equal(back["emb.weight"].numpy(), _arrays()["emb.weight"] + 1)
+
+
+def test_without_dp_the_app_reads_the_packed_model_and_replies_packed():
+    def app(msg: Message, context: Context) -> Message:
+        arrays = read_arrays(msg.content)
+        assert list(arrays) == list(_arrays())
+        update = {k: v + 1 for k, v in arrays.items()}
+        return Message(content=RecordDict(arrays_record(update, packed="layout" in msg.content.config_records)),
+                       reply_to=msg)
+
+    context = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={"dp-mode": "off"})
+    reply = wire_mod(_message(pack_content(_content(_arrays()))), context, app)
+    assert list(reply.content.array_records["arrays"]) == ["packed"]
+    back = read_arrays(reply.content)
+    for name, value in _arrays().items():
+        assert back[name].shape == np.shape(value) and np.array_equal(back[name], np.asarray(value) + 1)
+
+
+@pytest.mark.parametrize("value", [
+    np.array(3.0, np.float32), np.arange(12, dtype=np.float32).reshape(3, 4), np.arange(5), np.array([True, False]),
+    np.zeros((0, 5), np.float32), np.arange(12.0).reshape(3, 4).T, np.array([1, 2], dtype=">i4"),
+])
+def test_fast_array_conversion_writes_and_reads_what_flower_does(value):
+    ours, flowers = to_array(value), Array(np.ascontiguousarray(value) if value.ndim else value)
+    assert ours.data == flowers.data and ours.dtype == flowers.dtype and tuple(ours.shape) == tuple(flowers.shape)
+    for array in (ours, flowers):
+        back = from_array(array)
+        assert back.dtype == value.dtype and back.shape == value.shape and np.array_equal(back, value)
+        assert back.flags.writeable
 
 
 def test_the_client_mod_leaves_unpacked_messages_alone():

@@ -1,6 +1,7 @@
 """Sends one train message per node per round and times each round (written as JSON)."""
 
 import json
+import random
 import time
 from pathlib import Path
 
@@ -23,9 +24,12 @@ def main(grid: Grid, context: Context) -> None:
                                                  for i in range(k)})}) \
         if k else RecordDict()
     seconds = []
+    sample = int(context.run_config.get("sample", 0))  # nodes per round (0: all), as a strategy samples
+    rng = random.Random(0)
     for _ in range(rounds):
         tick = time.time()
-        messages = [Message(content=payload, dst_node_id=node, message_type="train") for node in nodes]
+        chosen = rng.sample(nodes, sample) if 0 < sample < len(nodes) else nodes
+        messages = [Message(content=payload, dst_node_id=node, message_type="train") for node in chosen]
         replies = list(grid.send_and_receive(messages))
         failed = [r for r in replies if r.has_error()]
         if failed:
@@ -34,5 +38,5 @@ def main(grid: Grid, context: Context) -> None:
         print(f"no-op round {len(seconds)}/{rounds}: {seconds[-1]:.2f} s", flush=True)
     output = str(context.run_config["output"])
     if output:
-        Path(output).write_text(json.dumps({"nodes": len(nodes), "round_seconds": seconds,
+        Path(output).write_text(json.dumps({"nodes": len(nodes), "sample": sample, "round_seconds": seconds,
                                             "payload_arrays": k, "payload_floats": n}))
