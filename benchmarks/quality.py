@@ -331,6 +331,7 @@ def main() -> int:
                         help="override a config value in every row (TOML value), e.g. --set stage-schedule='\"pretrain:2\"' "
                              "(smoke tests; the results name them)")
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
+    parser.add_argument("--aggregate", action="store_true", help="only aggregate the per-run files already there")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: run this row
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -344,7 +345,8 @@ def main() -> int:
         raise SystemExit(f"unknown rows {sorted(unknown)}: choose from {', '.join(ROWS)}")
     # the cheapest first within a seed; seeds interleaved so that every row gets a first seed early
     tasks = [(row, seed) for seed in seeds for row in rows if not result_path(row, seed).is_file()]
-    schedule(tasks, args)
+    if not args.aggregate:
+        schedule(tasks, args)
     payload = aggregate(seeds, args)
     for target in payload["targets"]:
         print(f"[quality] {'met   ' if target['met'] else 'MISSED'} {target['target']}: {target['value']:.4f} vs "

@@ -42,17 +42,18 @@ def quality_section() -> list[str]:
              "over the seeds that finished — column n). Test split of all 943 users with the model each run selected "
              "on the validation split. Federated rows: 943 clients, 10% sampled per round, the default 150-round "
              "schedule, run by the real ServerApp loop, strategy and ClientApp in one process "
-             "(`server_app/inprocess.py`, no Ray).", ""]
+             "(`server_app/inprocess.py`, no Ray). Each run used one CPU thread, two runs at a time; *wall min* "
+             "also counts pauses while the speed benchmarks ran, *CPU min* is the run's own compute.", ""]
     for protocol, what in (("sampled", "sampled protocol (the held-out item among 100 sampled negatives)"),
                            ("full", "full ranking (every item the user has not interacted with)")):
         lines += [f"Test, {what}:", "",
-                  "| row | n | " + " | ".join(QUALITY_METRICS) + " | selected at | CPU min |",
-                  "|---|---|" + "---|" * len(QUALITY_METRICS) + "---|---|"]
+                  "| row | n | " + " | ".join(QUALITY_METRICS) + " | selected at | wall min | CPU min |",
+                  "|---|---|" + "---|" * len(QUALITY_METRICS) + "---|---|---|"]
         for row in rows.values():
             best = f"{row['best_unit']} {_ms(row['best'], 0)}"
             lines.append(f"| {row['label']} | {row['best']['n']} | "
                          + " | ".join(_ms(row[protocol][m]) for m in QUALITY_METRICS)
-                         + f" | {best} | {row['cpu_time_s']['mean'] / 60:.1f} |")
+                         + f" | {best} | {row['wall_time_s']['mean'] / 60:.1f} | {row['cpu_time_s']['mean'] / 60:.1f} |")
         lines.append("")
     if data.get("targets"):
         chosen = rows.get(data.get("selected_full_row") or "", {}).get("label", "")
@@ -132,6 +133,13 @@ def scaling_section() -> list[str]:
         f = data["flatness"]
         lines += ["", "Largest ÷ smallest size: round time " + ", ".join(f"{k} ×{v}" for k, v in f["round_s_ratio"].items())
                   + "; peak memory " + ", ".join(f"{k} ×{v}" for k, v in f["peak_rss_ratio"].items()) + "."]
+    profiled = [r for r in data["rows"] if r.get("driver_profile", {}).get("top_inclusive")]
+    if profiled:
+        r = profiled[-1]
+        frames = [f for f in r["driver_profile"]["top_inclusive"] if "flwr/" in f["frame"] or "server_app/" in f["frame"]]
+        lines += ["", f"Where the simulation driver's time goes at {r['users']:,} users (py-spy, "
+                  f"{r['driver_profile']['samples']} samples during the steady rounds, share including callees):", ""]
+        lines += [f"- {f['share']:.0%} `{f['frame']}`" for f in frames[:6]]
     if (RESULTS / "scaling_synthetic.png").is_file():
         lines += ["", "![scaling](benchmarks/results/scaling_synthetic.png)"]
     return lines + [""]

@@ -3,7 +3,7 @@
 For each number of sampled clients (default 10, 50, 100, 300 of ML-100K's 943 users) this runs
 
 * a real ``flwr run`` (Ray simulation, one CPU per ClientApp, so 2 at a time here) of FedDMMR
-  ``full``, 4 pretrain + 4 finetune rounds, and
+  ``full``, 5 pretrain + 5 finetune rounds, and
 * ``benchmarks/inprocess_federation.py``: the same client computations (``ClientRuntime.train``)
   and aggregation in one process without Flower (the floor),
 
@@ -35,7 +35,7 @@ from benchmarks.sim_lab import run_noop_simulation, run_simulation, steady_round
 from feddmmr_flower.data.sequences import atomic_write_json  # noqa: E402
 from feddmmr_flower.train import command_line, machine_description  # noqa: E402
 
-SCHEDULE = "pretrain:4,finetune:4"
+SCHEDULE = "pretrain:5,finetune:5"
 
 
 def base_config(args, out: Path, name: str, fraction: float) -> dict:

@@ -3,7 +3,7 @@
 For each size: synthetic users drawn to match ML-100K's lengths and item popularity
 (``synthetic_users.py``; labelled synthetic everywhere), prepared and featurised once (not timed),
 then a real ``flwr run`` (Ray simulation, one CPU per ClientApp) of FedDMMR ``full`` with text
-features, 3 pretrain + 3 finetune rounds, no final test. Reported per size: start-up (first
+features, 4 pretrain + 4 finetune rounds, no final test. Reported per size: start-up (first
 round), mean steady round time per stage, and the peak resident memory of every process of the
 run (SuperLink, ServerApp, Ray workers running ClientApps, Ray daemons), plus a plot.
 
@@ -28,7 +28,7 @@ from benchmarks.synthetic_users import write_synthetic  # noqa: E402
 from feddmmr_flower.data.sequences import atomic_write_json  # noqa: E402
 from feddmmr_flower.train import command_line, machine_description  # noqa: E402
 
-SCHEDULE = "pretrain:3,finetune:3"
+SCHEDULE = "pretrain:4,finetune:4"
 
 
 def prepare(folder: Path, args) -> dict:
@@ -52,7 +52,8 @@ def main() -> int:
     parser.add_argument("--per-round", type=int, default=100)
     parser.add_argument("--data-root", default="data", help="where the synthetic folders go (git-ignored)")
     parser.add_argument("--py-spy", type=float, default=0.0, metavar="SECONDS",
-                        help="also sample the simulation driver with py-spy for this long (needs pip install py-spy)")
+                        help="also sample the simulation driver of the largest size with py-spy for this long, after its "
+                             "first round (needs pip install py-spy)")
     parser.add_argument("--out", default="benchmarks/results/scaling_synthetic.json")
     args = parser.parse_args()
     rows = []
@@ -66,7 +67,8 @@ def main() -> int:
                       "fraction-train": args.per_round / users, "eval-users": 10, "eval-every": 1000,
                       "final-test": False, "output-dir": tmp, "run-name": f"users-{users}", "min-available-nodes": 1}
             log = Path(tmp) / f"users-{users}.log"
-            spy = DriverProfile(log, args.py_spy, Path(tmp) / f"py-spy-{users}.txt") if args.py_spy else None
+            largest = users == max(int(u) for u in args.users.split(","))  # py-spy slows what it samples
+            spy = DriverProfile(log, args.py_spy, Path(tmp) / f"py-spy-{users}.txt") if args.py_spy and largest else None
             if spy:  # where the simulation driver's time goes, during the steady rounds
                 spy.start()
             sim = run_simulation(config, users, log=log, timeout=3600)
@@ -87,7 +89,7 @@ def main() -> int:
             rows.append(row)
             print(f"[scaling] {users} synthetic users: " + ", ".join(f"{s} {v['round_s']:.2f} s/round"
                                                                       for s, v in stages.items())
-                  + f"; peak RSS " + ", ".join(f"{k} {v['max_peak_rss_mb']:.0f} MB"
+                  + "; peak RSS " + ", ".join(f"{k} {v['max_peak_rss_mb']:.0f} MB"
                                                for k, v in sim["memory_by_kind"].items()), file=sys.stderr, flush=True)
     payload = {"command": "python " + command_line(), "machine": machine_description(), "synthetic": True,
                "schedule": SCHEDULE, "per_round": args.per_round, "rows": rows}

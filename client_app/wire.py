@@ -1,6 +1,6 @@
 """Messages with the model packed into one array (see feddmmr_flower/packing.py for why).
 
-The server packs what it sends (``pack_content``) and unpacks replies (``unpack_message``). On
+The server packs what it sends (``pack_content``) and reads replies with ``read_arrays``. On
 the client, the ClientApp reads packed and plain records alike (``read_arrays``) and packs its
 reply when the server packed (``arrays_record``); the outermost mod (``wire_mod``) unpacks only
 when a privacy mod needs named arrays.
@@ -105,13 +105,6 @@ def unpack_content(content: RecordDict) -> RecordDict:
     plain = RecordDict({k: v for k, v in content.items() if k != LAYOUT})
     plain[ARRAYS] = to_record(arrays)
     return plain
-
-
-def unpack_message(msg: Message) -> Message:
-    """A reply with its arrays unpacked in place (error replies pass through)."""
-    if not msg.has_error():
-        msg.content = unpack_content(msg.content)
-    return msg
 
 
 def _privacy_mod_reads_arrays(msg: Message, context: Context) -> bool:

@@ -38,7 +38,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
 
-from client_app.wire import PACKED, from_array, pack_content, to_array, to_numpy, to_record, unpack_message
+from client_app.wire import PACKED, from_array, pack_content, read_arrays, to_array, to_numpy, to_record
 from feddmmr_flower.packing import pack, unpack
 from feddmmr_flower.prototype_aggregation import Metric, aggregate_prototypes
 from feddmmr_flower.stages import STAGES, StageSchedule, StageSegment
@@ -70,7 +70,7 @@ class _Candidate:
     node_id: int
     partition_id: int | None
     num_examples: float
-    arrays: ArrayRecord
+    arrays: dict[str, np.ndarray]  # the trainable arrays it sent (read once from the wire)
     metrics: MetricRecord
     update_norm: float
     prototypes: tuple[np.ndarray, np.ndarray] | None
@@ -307,9 +307,10 @@ class FedDMMRStrategy(Strategy):
         )
 
     def _check_reply(
-        self, msg: Message, node_id: int, global_np: dict[str, np.ndarray]
+        self, msg: Message, node_id: int, global_np: dict[str, np.ndarray], arrays: dict[str, np.ndarray] | None
     ) -> tuple[_Candidate | None, int | None, str | None]:
-        """Validate one train reply -> (candidate, partition id, reason if rejected)."""
+        """Validate one train reply (``arrays``: its model arrays, None if it has none) -> (candidate,
+        partition id, reason if rejected)."""
         content = msg.content
         metrics = content.metric_records.get("metrics")
         if metrics is None and len(content.metric_records) == 1:
@@ -324,7 +325,6 @@ class FedDMMRStrategy(Strategy):
         n = metrics.get(self.weighted_by_key)
         if not isinstance(n, int | float) or not math.isfinite(n) or n <= 0:
             return None, pid, f"'{self.weighted_by_key}' missing or not > 0: {n!r}"
-        arrays = content.array_records.get("arrays")
         if arrays is None:
             return None, pid, "no 'arrays' ArrayRecord"
         got, want = set(arrays.keys()), set(self._names)
@@ -339,7 +339,7 @@ class FedDMMRStrategy(Strategy):
             g = global_np[name]
             if tuple(arrays[name].shape) != g.shape:
                 return None, pid, f"wrong shape for {name!r}: {tuple(arrays[name].shape)} != {g.shape}"
-            a = from_array(arrays[name])
+            a = arrays[name]
             if a.dtype.kind in "fc" and not np.isfinite(a).all():
                 return None, pid, f"NaN/Inf in {name!r}"
             sq += float(np.sum((a.astype(np.float64) - g) ** 2))
@@ -375,12 +375,12 @@ class FedDMMRStrategy(Strategy):
                 self._record(self.failed, server_round, node, self.partition_of.get(node),
                              f"error reply (code {msg.error.code}): {msg.error.reason}", "failed")
                 continue
-            try:
-                unpack_message(msg)
+            try:  # packed or not, read once: the checks and the base use these numpy arrays
+                arrays = read_arrays(msg.content) if "arrays" in msg.content.array_records else None
             except (ValueError, KeyError) as exc:
                 self._record(self.rejected, server_round, node, self.partition_of.get(node), str(exc), "rejected")
                 continue
-            cand, pid, reason = self._check_reply(msg, node, global_np)
+            cand, pid, reason = self._check_reply(msg, node, global_np, arrays)
             if cand is None:
                 self._record(self.rejected, server_round, node, pid, str(reason), "rejected")
             else:
@@ -445,9 +445,8 @@ class FedDMMRStrategy(Strategy):
         clean = []
         for c in accepted:
             m = copy.copy(c.msg)  # shares metadata; content replaced on the copy only
-            arrays = ArrayRecord({n: c.arrays[n] for n in self._names})
-            if self._pack_base:
-                arrays = ArrayRecord({PACKED: to_array(pack(to_numpy(arrays))[0])})
+            subset = {n: c.arrays[n] for n in self._names}
+            arrays = ArrayRecord({PACKED: to_array(pack(subset)[0])}) if self._pack_base else to_record(subset)
             m.content = RecordDict({"arrays": arrays, "metrics": MetricRecord({self.weighted_by_key: c.num_examples})})
             clean.append(m)
         if self.pre_aggregate is not None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common import FitIns, Parameters, bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server.compat.legacy_context import LegacyContext
@@ -190,7 +190,7 @@ class SecAggPlusAggregation:
             if "centroids" in extras:
                 protos = (bytes_to_ndarray(extras["centroids"]), bytes_to_ndarray(extras["sizes"]))
             candidates.append(_Candidate(reply, node, strategy.partition_of.get(node), float(metrics["num-examples"]),
-                                         ArrayRecord(), metrics, math.nan, protos))
+                                         {}, metrics, math.nan, protos))
         for node, (reason, pid) in checked.rejected.items():
             if pid is not None:
                 strategy.partition_of[node] = pid
@@ -213,7 +213,7 @@ class SecAggPlusAggregation:
                 weight = float(sum(c.num_examples for c in candidates))
                 reply = candidates[0].msg
                 pre = _Candidate(reply, candidates[0].node_id, None, weight,
-                                 ArrayRecord({n: Array(v.astype(np.float32)) for n, v in mean.items()}),
+                                 {n: v.astype(np.float32) for n, v in mean.items()},
                                  MetricRecord({strategy.weighted_by_key: weight}), math.nan, None)
                 hook, strategy.pre_aggregate = strategy.pre_aggregate, None  # DP is the clients' (local) here
                 try:
