@@ -38,8 +38,10 @@ ACTIONS = [
     "The ClientApp unpacked the packed model into ~55 Flower Arrays and read them straight back: it now reads "
     "the packed vector itself (read_arrays) and packs its reply (arrays_record); the mod only unpacks when a "
     "DP mod needs named arrays.",
-    "The server read every reply's arrays through Array.numpy() to check and overlay them: from_array / "
-    "to_array there too.",
+    "The server unpacked every reply into ~55 Flower Arrays, read them back to check them, and Flower's base "
+    "strategy read them once more per array (aggregate_train 0.6 s of a profiled round): the server now reads "
+    "each reply's packed vector once as numpy, and the base strategy aggregates ONE packed vector (exact: every "
+    "base here is elementwise; tested against per-array aggregation for six bases): 0.23 s.",
     "Evaluation scored every user twice (sampled candidates, then the whole catalogue): with both protocols one "
     "pass over the catalogue now serves both (scores are per item), saving one sequence encoding per user.",
     "Left: torch itself (backward, linear, attention) is the rest of a client's time; Flower's per-message cost "

@@ -315,7 +315,8 @@ def aggregate(seeds: list[int], args) -> dict:
               for r in rows if rows[r]["kind"] == "federated"}
     if curves:
         plot_mean_curves(curves, RESULTS / "quality_curves.png", ylabel="validation NDCG@10 (150 users, sampled)",
-                         title=f"ML-100K federated rows: validation NDCG@10 vs round (mean ± std, {len(seeds)} seeds)")
+                         title="ML-100K federated rows: validation NDCG@10 vs round (mean ± std over "
+                               f"{max(len(rows[r]['seeds']) for r in rows if rows[r]['kind'] == 'federated')} seeds)")
     return payload
 
 

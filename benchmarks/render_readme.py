@@ -138,7 +138,8 @@ def scaling_section() -> list[str]:
         r = profiled[-1]
         frames = [f for f in r["driver_profile"]["top_inclusive"] if "flwr/" in f["frame"] or "server_app/" in f["frame"]]
         lines += ["", f"Where the simulation driver's time goes at {r['users']:,} users (py-spy, "
-                  f"{r['driver_profile']['samples']} samples during the steady rounds, share including callees):", ""]
+                  f"{r['driver_profile']['samples']} samples during that size's steady rounds, share including "
+                  "callees; sampling competes for the two cores, so that row's round times are inflated by it):", ""]
         lines += [f"- {f['share']:.0%} `{f['frame']}`" for f in frames[:6]]
     if (RESULTS / "scaling_synthetic.png").is_file():
         lines += ["", "![scaling](benchmarks/results/scaling_synthetic.png)"]
@@ -184,6 +185,9 @@ def profile_section() -> list[str]:
         lines += ["", f"{stage} round: {r['seconds']:.2f} s" + (f" (before: {then['seconds']:.2f} s)" if then else "")
                   + ". Top 10 by own time:", "", "| own s | calls | function |", "|---|---|---|"]
         lines += [f"| {x['self_s']:.3f} | {x['calls']} | `{x['function']}` |" for x in r["top_self_time"]]
+        ours = ", ".join(f"`{x['function'].split('(')[-1].rstrip(')')}` {x['cumulative_s']:.2f} s"
+                         for x in r["top_our_functions_cumulative"][:8])
+        lines += ["", f"Our functions by cumulative time: {ours}."]
     if after.get("actions"):
         lines += ["", "What was done about the hot spots:", ""] + [f"- {a}" for a in after["actions"]]
     return lines + [""]
