@@ -21,7 +21,8 @@ from feddmmr_flower.config import ExperimentConfig
 from .privacy_mods import privacy_mod
 from .wire import LAYOUT, arrays_record, read_arrays, to_numpy, to_record, wire_mod
 
-# Outermost: unpack the model (packed into one array on the wire); then DP / SecAgg+ per run config.
+# Outermost: the wire mod (it unpacks the packed model only for the DP mods; the app reads it packed);
+# then DP / SecAgg+ per run config.
 app = ClientApp(mods=[wire_mod, privacy_mod])
 
 # Settings that describe the node's own disk and hardware, not the experiment.

@@ -2,7 +2,7 @@
 
 The federated runs here are the real ``FederatedRun`` round loop driving the real ClientApp (with
 its mods) through ``server_app.inprocess.InProcessGrid``, every message serialised to Flower's wire
-format; ``tests/test_privacy_simulation.py`` repeats the SecAgg+ comparison in a real ``flwr run``.
+format; ``test_secagg_in_a_flwr_run_simulation_equals_the_plain_loop`` repeats the SecAgg+ comparison in a real ``flwr run``.
 """
 
 from __future__ import annotations
