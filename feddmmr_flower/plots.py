@@ -153,11 +153,15 @@ def _finish(fig, axes, runs: Runs, x: str, title: str, path: Path, stage_handles
     fig.tight_layout(rect=(0, 0, 1, 0.95 if stage_handles else 0.97))
     if stage_handles:
         fig.legend(handles=stage_handles, loc="upper right", ncol=len(stage_handles), fontsize=8, frameon=False)
+    return _save(fig, path, title, "runs: " + "; ".join(runs))
+
+
+def _save(fig, path: Path, title: str, description: str = "") -> Path:
+    """Write the figure atomically; PNG text chunks say what is drawn (image viewers and tests read them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # PNG text chunks say what is drawn (a person's image viewer, and tests, can read them).
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, metadata={"Title": title, "Description": "runs: " + "; ".join(runs)})
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Title": title, "Description": description})
     plt.close(fig)
     return path
 
@@ -266,12 +270,7 @@ def plot_mean_curves(curves: dict[str, Sequence[tuple[float, float, float]]], pa
     ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, metadata={"Title": title, "Description": "runs: " + "; ".join(curves)})
-    plt.close(fig)
-    return path
+    return _save(fig, path, title, "runs: " + "; ".join(curves))
 
 
 def plot_scaling(rows: Sequence[dict], path: Path) -> Path:
@@ -300,9 +299,4 @@ def plot_scaling(rows: Sequence[dict], path: Path) -> Path:
     title = "Scaling with SYNTHETIC users (a fixed number sampled per round)"
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, metadata={"Title": title})
-    plt.close(fig)
-    return path
+    return _save(fig, path, title, "users: " + ", ".join(str(u) for u in users))
