@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import sys
 import tempfile
@@ -51,13 +52,17 @@ TOP = 10
 
 
 def _short(func: tuple) -> str:
+    """A profile entry's place without machine-specific paths (packages, the standard library, ours)."""
     filename, line, name = func
-    for marker in ("site-packages/", "/feddmmr_flower/", "/client_app/", "/server_app/", "/strategies/"):
-        if marker in filename:
-            filename = marker.strip("/").split("/")[-1] + "/" + filename.split(marker, 1)[1] \
-                if marker != "site-packages/" else filename.split(marker, 1)[1]
-            break
-    return f"{filename}:{line}({name})" if filename != "~" else name
+    if filename == "~":
+        return name
+    if "site-packages/" in filename:
+        filename = filename.split("site-packages/", 1)[1]
+    elif "/lib/python" in filename:
+        filename = "python" + filename.split("/lib/python", 1)[1]
+    elif os.path.isabs(filename):
+        filename = os.path.relpath(filename)
+    return f"{filename}:{line}({name})"
 
 
 def top(stats: pstats.Stats, key: str, only_ours: bool = False) -> list[dict]:
