@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import ml100k_features  # noqa: E402
 from feddmmr_flower.client import runtime_for  # noqa: E402
 from feddmmr_flower.config import ExperimentConfig  # noqa: E402
 from feddmmr_flower.data.sequences import atomic_write_json  # noqa: E402
@@ -53,11 +54,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    shared = Path(args.shared)
-    cfg = ExperimentConfig.from_flat({
-        "data-dir": args.data_dir, "cache-dir": args.cache_dir, "variant": "full",
-        "descriptions": str(shared / "ml-100k-llm/item_descriptions.json"), "visual-features": True,
-        "posters-dir": str(shared / "ml-1m/posters"), "movies-dat": str(shared / "ml-1m/movies.dat")})
+    cfg = ExperimentConfig.from_flat({"data-dir": args.data_dir, "cache-dir": args.cache_dir, "variant": "full",
+                                      **ml100k_features(args.shared)})
     runtime = runtime_for(cfg)  # dataset, features, model: loaded once (not timed)
     model, data = runtime.model.eval(), runtime.assets.data
     users = np.arange(data.num_users)

@@ -22,12 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from feddmmr_flower.client import runtime_for
-from feddmmr_flower.config import ExperimentConfig
-from feddmmr_flower.data.sequences import atomic_write_json
-from feddmmr_flower.prototype_aggregation import aggregate_prototypes
-from feddmmr_flower.stages import StageSchedule, trainable_names
-from feddmmr_flower.train import command_line, machine_description
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import app_defaults  # noqa: E402
+from feddmmr_flower.client import runtime_for  # noqa: E402
+from feddmmr_flower.config import ExperimentConfig  # noqa: E402
+from feddmmr_flower.data.sequences import atomic_write_json  # noqa: E402
+from feddmmr_flower.prototype_aggregation import aggregate_prototypes  # noqa: E402
+from feddmmr_flower.stages import StageSchedule, trainable_names  # noqa: E402
+from feddmmr_flower.train import command_line, machine_description  # noqa: E402
 
 
 def parse_run_config(text: str) -> dict:
@@ -67,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    defaults = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    cfg = ExperimentConfig.from_flat({**defaults, **parse_run_config(args.run_config)}, strict=True)
+    cfg = ExperimentConfig.from_flat({**app_defaults(), **parse_run_config(args.run_config)}, strict=True)
     if cfg.strategy not in ("fedavg", "fedadam"):
         raise SystemExit("the in-process floor implements fedavg and fedadam only")
     runtime = runtime_for(cfg)

@@ -19,12 +19,13 @@ import pstats
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+from benchmarks.common import app_defaults, ml100k_features  # noqa: E402
 
 from feddmmr_flower.data.sequences import atomic_write_json  # noqa: E402
 from feddmmr_flower.train import command_line, machine_description  # noqa: E402
@@ -88,13 +89,9 @@ def main() -> int:
     from server_app import federation
     from server_app.inprocess import run_federation
 
-    shared = Path(args.shared)
-    defaults = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     tmp = tempfile.mkdtemp(prefix="profile-round-")
-    config = {**defaults, "data-dir": args.data_dir, "cache-dir": args.cache_dir,
-              "descriptions": str(shared / "ml-100k-llm/item_descriptions.json"), "visual-features": True,
-              "posters-dir": str(shared / "ml-1m/posters"), "movies-dat": str(shared / "ml-1m/movies.dat"),
-              "stage-schedule": "pretrain:3,finetune:3", "eval-every": 1000, "eval-users": 1,
+    config = {**app_defaults(), "data-dir": args.data_dir, "cache-dir": args.cache_dir,
+              **ml100k_features(args.shared), "stage-schedule": "pretrain:3,finetune:3", "eval-every": 1000, "eval-users": 1,
               "final-test": False, "output-dir": tmp, "run-name": "profile", "min-available-nodes": 1}
     profiles: dict[int, cProfile.Profile] = {}
     seconds: dict[int, float] = {}

@@ -25,10 +25,13 @@ import resource
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import app_defaults, ml100k_features, parse_overrides  # noqa: E402
 
 RESULTS = Path("benchmarks/results")
 PER_RUN = RESULTS / "quality"
@@ -56,10 +59,7 @@ LOCAL_LRS, LOCAL_EPOCHS = (0.05, 2.0), (1, 3, 10)
 
 
 def data_flags(args) -> dict:
-    shared = Path(args.shared)
-    return {"data-dir": args.data_dir, "cache-dir": args.cache_dir,
-            "descriptions": str(shared / "ml-100k-llm/item_descriptions.json"), "visual-features": True,
-            "posters-dir": str(shared / "ml-1m/posters"), "movies-dat": str(shared / "ml-1m/movies.dat")}
+    return {"data-dir": args.data_dir, "cache-dir": args.cache_dir, **ml100k_features(args.shared)}
 
 
 def result_path(row: str, seed: int) -> Path:
@@ -104,8 +104,7 @@ def run_federated(row: str, seed: int, args) -> dict:
     from server_app.inprocess import run_federation
 
     _, _, overrides = ROWS[row]
-    defaults = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    flat = {**defaults, **data_flags(args), **overrides, "seed": seed, "output-dir": str(OUT_ROOT),
+    flat = {**app_defaults(), **data_flags(args), **overrides, "seed": seed, "output-dir": str(OUT_ROOT),
             "run-name": f"{row}-s{seed}", "min-available-nodes": 1}
     data, _ = load_data(ExperimentConfig.from_flat(flat))
     per_user: list[dict] = []
@@ -147,9 +146,7 @@ def run_local(row: str, seed: int, args) -> dict:
     started, users = time.perf_counter(), runtime.num_users
     # results[(lr, epochs)][split] = per-user metric dicts
     results: dict[tuple, dict[str, list]] = {(lr, e): {"valid": [], "test": []} for lr in LOCAL_LRS for e in LOCAL_EPOCHS}
-    lengths = []
     for user in range(users):
-        lengths.append(None)
         for lr in LOCAL_LRS:
             arrays = dict(initial)
             for epoch in range(1, max(LOCAL_EPOCHS) + 1):
@@ -159,7 +156,6 @@ def run_local(row: str, seed: int, args) -> dict:
                     for split in ("valid", "test"):
                         metrics = runtime.evaluate(user, arrays, None, None, split=split).metrics
                         results[(lr, epoch)][split].append(metrics)
-                        lengths[-1] = metrics["train-length"]
         if user % 100 == 99:
             print(f"[local-only] {user + 1}/{users} users, {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
 
@@ -172,7 +168,7 @@ def run_local(row: str, seed: int, args) -> dict:
     buckets = {name: {"num_users": int(mask.sum()),
                       "sampled": mean([r for r, k in zip(test_rows, mask) if k]),
                       "full": mean([r for r, k in zip(test_rows, mask) if k], "full-")}
-               for name, mask in history_buckets(np.array(lengths)).items()}
+               for name, mask in history_buckets(runtime.assets.data.train_lengths(np.arange(users))).items()}
     return {"test": {"sampled": mean(test_rows), "full": mean(test_rows, "full-"), "num_users": users},
             "by_history_length": buckets, "best": best[1], "best_unit": "local epochs",
             "best_valid_NDCG@10": selection[f"lr={best[0]},epochs={best[1]}"], "selected": {"lr": best[0], "epochs": best[1]},
@@ -210,7 +206,7 @@ def configure(args) -> None:
     RESULTS = Path(args.out)
     PER_RUN = RESULTS / "quality"
     OUT_ROOT = RESULTS / "runs" if args.out != "benchmarks/results" else Path("outputs/quality")
-    extra = tomllib.loads("\n".join(f"{k.strip()} = {v}" for k, v in (item.split("=", 1) for item in args.set)))
+    extra = parse_overrides(args.set)
     for row, (kind, label, overrides) in ROWS.items():
         ROWS[row] = (kind, label, {**overrides, **extra})
 

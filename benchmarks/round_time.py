@@ -24,13 +24,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import ml100k_features, parse_overrides  # noqa: E402
 from benchmarks.sim_lab import run_noop_simulation, run_simulation, steady_rounds  # noqa: E402
 from feddmmr_flower.data.sequences import atomic_write_json  # noqa: E402
 from feddmmr_flower.train import command_line, machine_description  # noqa: E402
@@ -39,13 +39,10 @@ SCHEDULE = "pretrain:5,finetune:5"
 
 
 def base_config(args, out: Path, name: str, fraction: float) -> dict:
-    shared = Path(args.shared).resolve()
     return {"data-dir": str(Path(args.data_dir).resolve()), "cache-dir": str(Path(args.cache_dir).resolve()),
-            "descriptions": str(shared / "ml-100k-llm/item_descriptions.json"), "visual-features": True,
-            "posters-dir": str(shared / "ml-1m/posters"), "movies-dat": str(shared / "ml-1m/movies.dat"),
-            "stage-schedule": SCHEDULE, "fraction-train": fraction, "eval-users": 10, "eval-every": 1000,
+            **ml100k_features(args.shared, absolute=True), "stage-schedule": SCHEDULE, "fraction-train": fraction, "eval-users": 10, "eval-every": 1000,
             "final-test": False, "output-dir": str(out), "run-name": name, "min-available-nodes": 1,
-            **tomllib.loads("\n".join(f"{k.strip()} = {v}" for k, v in (item.split("=", 1) for item in args.set)))}
+            **parse_overrides(args.set)}
 
 
 def per_stage(history: list[dict], cores: int) -> dict:

@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import ml100k_features  # noqa: E402
 from benchmarks.sim_lab import DriverProfile, run_simulation, steady_rounds  # noqa: E402
 from benchmarks.synthetic_users import write_synthetic  # noqa: E402
 from feddmmr_flower.data.sequences import atomic_write_json  # noqa: E402
@@ -62,8 +63,7 @@ def main() -> int:
             folder = write_synthetic(Path(args.source), Path(args.data_root) / f"synthetic-{users}", users)
             prep = prepare(folder, args)
             config = {"data-dir": str(folder.resolve()), "cache-dir": str(Path(args.cache_dir).resolve()),
-                      "descriptions": str((Path(args.shared) / "ml-100k-llm/item_descriptions.json").resolve()),
-                      "visual-features": False, "stage-schedule": SCHEDULE,
+                      **ml100k_features(args.shared, visual=False, absolute=True), "stage-schedule": SCHEDULE,
                       "fraction-train": args.per_round / users, "eval-users": 10, "eval-every": 1000,
                       "final-test": False, "output-dir": tmp, "run-name": f"users-{users}", "min-available-nodes": 1}
             log = Path(tmp) / f"users-{users}.log"

@@ -19,22 +19,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from feddmmr_flower.client import runtime_for
-from feddmmr_flower.config import ExperimentConfig
-from feddmmr_flower.data.sequences import atomic_write_json
-from feddmmr_flower.experiment import build_model, load_assets, memory_config, prototype_config, train_config
-from feddmmr_flower.memory import LocalDynamicMemory
-from feddmmr_flower.stages import apply_stage
-from feddmmr_flower.train import central_prototypes, command_line, machine_description, train_epoch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import ml100k_features  # noqa: E402
+from feddmmr_flower.client import runtime_for  # noqa: E402
+from feddmmr_flower.config import ExperimentConfig  # noqa: E402
+from feddmmr_flower.data.sequences import atomic_write_json  # noqa: E402
+from feddmmr_flower.experiment import build_model, load_assets, memory_config, prototype_config, train_config  # noqa: E402
+from feddmmr_flower.memory import LocalDynamicMemory  # noqa: E402
+from feddmmr_flower.stages import apply_stage  # noqa: E402
+from feddmmr_flower.train import central_prototypes, command_line, machine_description, train_epoch  # noqa: E402
 
 
 def config(args, variant: str) -> ExperimentConfig:
-    shared = Path(args.shared)
-    return ExperimentConfig.from_flat({
-        "data-dir": args.data_dir, "cache-dir": args.cache_dir, "variant": variant,
-        "descriptions": str(shared / "ml-100k-llm/item_descriptions.json"), "visual-features": True,
-        "posters-dir": str(shared / "ml-1m/posters"), "movies-dat": str(shared / "ml-1m/movies.dat"),
-    })
+    return ExperimentConfig.from_flat({"data-dir": args.data_dir, "cache-dir": args.cache_dir, "variant": variant,
+                                       **ml100k_features(args.shared)})
 
 
 def central(cfg: ExperimentConfig, stage: str, batches: int, repeats: int) -> dict:

@@ -78,7 +78,7 @@ def run_federation(run_config: dict, num_nodes: int, tap: Tap | None = None) -> 
     # What a ServerApp process gets from Flower: instruction messages read these ids.
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
     try:
-        flat = ExperimentConfig.from_flat(run_config).flat()
-        return FederatedRun(InProcessGrid(flat, num_nodes, tap), ExperimentConfig.from_flat(flat)).run()
+        cfg = ExperimentConfig.from_flat(run_config)
+        return FederatedRun(InProcessGrid(cfg.flat(), num_nodes, tap), cfg).run()
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
