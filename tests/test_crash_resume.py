@@ -92,8 +92,12 @@ def test_sigkill_mid_run_then_resume_loses_at_most_one_round(tmp_path: Path) -> 
           f"{len(killed_at) - restart} round(s) redone")
     assert len(killed_at) - restart <= 1  # at most the round in flight is redone
     # Memories came back from disk: with every node training every round, a node's memory has seen
-    # exactly round x local-epochs passes; a memory lost in the crash would restart from zero.
-    for record in history:
+    # round x local-epochs passes; a memory lost in the crash would restart from zero. Clients may
+    # already have saved the in-flight round before the kill, so after the restart every memory may be
+    # up to one round (3 passes, averaged over the clients that had saved it) ahead, the same in every later round.
+    for record in history[:restart]:
         assert record["train"]["memory-passes"] == pytest.approx(3 * record["round"]), record["round"]
+    ahead = {round(record["train"]["memory-passes"] - 3 * record["round"], 6) for record in history[restart:]}
+    assert len(ahead) == 1 and 0.0 <= min(ahead) <= 3.0, ahead
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == ROUNDS and summary["test"]["num_users"] == USERS
