@@ -49,8 +49,14 @@ def say(text: str) -> None:
 def import_seconds(statement: str, repeats: int = 3) -> float:
     """Median wall time of ``statement`` in a fresh interpreter (what a new ClientApp process pays)."""
     code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
-    runs = [float(subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                                 check=True).stdout.split()[-1]) for _ in range(repeats)]
+    runs = [
+        float(
+            subprocess.run(
+                [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+            ).stdout.split()[-1]
+        )
+        for _ in range(repeats)
+    ]
     return round(statistics.median(runs), 3)
 
 
@@ -73,10 +79,15 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="feddmmr-deploy-bench-"))
     config = {
-        "data-dir": str(Path(args.data_dir).resolve()), "cache-dir": str(Path(args.cache_dir).resolve()),
+        "data-dir": str(Path(args.data_dir).resolve()),
+        "cache-dir": str(Path(args.cache_dir).resolve()),
         "descriptions": str(Path(args.descriptions).resolve()) if args.descriptions else "",
-        "top-users": args.nodes, "stage-schedule": f"pretrain:{args.rounds}", "fraction-train": 1.0,
-        "eval-every": 10 * args.rounds, "eval-users": args.nodes, "min-available-nodes": args.nodes,
+        "top-users": args.nodes,
+        "stage-schedule": f"pretrain:{args.rounds}",
+        "fraction-train": 1.0,
+        "eval-every": 10 * args.rounds,
+        "eval-users": args.nodes,
+        "min-available-nodes": args.nodes,
         "output-dir": str(root / "outputs"),
     }
     load_assets(ExperimentConfig.from_flat(config))  # prepared data + SBERT features, once, then copied
@@ -92,13 +103,20 @@ def main() -> None:
         "flwr_clientapp_s": import_seconds("import flwr.clientapp, flwr.app"),
         "feddmmr_clientapp_s": import_seconds("import client_app.app"),
         "torch_s": import_seconds("import torch"),
-        "removed_from_client_path": {"pandas_s": import_seconds("import pandas"),
-                                     "sklearn_cluster_s": import_seconds("import sklearn.cluster")},
+        "removed_from_client_path": {
+            "pandas_s": import_seconds("import pandas"),
+            "sklearn_cluster_s": import_seconds("import sklearn.cluster"),
+        },
     }
 
     say(f"Ray simulation, {args.nodes} nodes, {args.rounds} rounds")
-    sim = flwr_run(app, root / "sim-home", {**config, "run-name": "simulation"},
-                   f"num-supernodes={args.nodes} client-resources-num-cpus=1", timeout=900)
+    sim = flwr_run(
+        app,
+        root / "sim-home",
+        {**config, "run-name": "simulation"},
+        f"num-supernodes={args.nodes} client-resources-num-cpus=1",
+        timeout=900,
+    )
     if sim.returncode != 0:
         raise SystemExit(sim.stdout[-2000:] + sim.stderr[-2000:])
     sim_history = json.loads((root / "outputs" / "simulation" / "history.json").read_text())["rounds"]
@@ -113,9 +131,22 @@ def main() -> None:
         # No payload; then ~1 MB echoed both ways as 48 arrays (a model sent tensor by tensor) and as 1.
         for label, arrays, floats in (("empty", 0, 0), ("48_arrays", 48, 5000), ("1_array", 1, 240000)):
             output = root / f"noop-{label}.json"
-            done = deployment.cli_run(run + [run_config_arg({
-                "rounds": args.rounds, "min-nodes": args.nodes, "output": str(output),
-                "payload-arrays": arrays, "payload-floats": floats})], cwd=noop, timeout=900)
+            done = deployment.cli_run(
+                run
+                + [
+                    run_config_arg(
+                        {
+                            "rounds": args.rounds,
+                            "min-nodes": args.nodes,
+                            "output": str(output),
+                            "payload-arrays": arrays,
+                            "payload-floats": floats,
+                        }
+                    )
+                ],
+                cwd=noop,
+                timeout=900,
+            )
             if done.returncode != 0:
                 raise SystemExit(done.stdout[-2000:] + done.stderr[-2000:])
             noop_runs[label] = json.loads(output.read_text())["round_seconds"]
@@ -139,8 +170,12 @@ def main() -> None:
         "command": command_line(),
         "machine": machine_description(),
         "network": "network namespaces + veth + bridge" if lab.use_namespaces else "loopback",
-        "nodes": args.nodes, "rounds": args.rounds, "tls": True, "supernode_auth": True,
-        "dataset": f"ML-100K, users 0..{args.nodes - 1}", "config": config,
+        "nodes": args.nodes,
+        "rounds": args.rounds,
+        "tls": True,
+        "supernode_auth": True,
+        "dataset": f"ML-100K, users 0..{args.nodes - 1}",
+        "config": config,
         "round_seconds": {
             **{f"noop_deployment_{k}": [round(s, 2) for s in v] for k, v in noop_runs.items()},
             "feddmmr_deployment": [r["seconds"] for r in history],
@@ -149,7 +184,8 @@ def main() -> None:
         },
         "mean_round_seconds_after_round_1": {
             **{f"noop_deployment_{k}": steady(v) for k, v in noop_runs.items()},
-            "noop_deployment": steady(noop_seconds), "feddmmr_deployment": steady(ours),
+            "noop_deployment": steady(noop_seconds),
+            "feddmmr_deployment": steady(ours),
             "feddmmr_simulation": steady(sim_train_only),
         },
         "feddmmr_client_train_seconds_mean": round(statistics.mean(train[1:]), 3),
@@ -162,8 +198,10 @@ def main() -> None:
     text = json.dumps(result).replace(str(REPO) + "/", "").replace(str(REPO.parent) + "/", "../")
     atomic_write_json(Path(args.out), json.loads(text))
     shutil.rmtree(root, ignore_errors=True)
-    say(f"no-op {means['noop_deployment']} s/round, FedDMMR {means['feddmmr_deployment']} s/round "
-        f"(simulation {means['feddmmr_simulation']}); ours {result['ours_per_round_s']} s -> {args.out}")
+    say(
+        f"no-op {means['noop_deployment']} s/round, FedDMMR {means['feddmmr_deployment']} s/round "
+        f"(simulation {means['feddmmr_simulation']}); ours {result['ours_per_round_s']} s -> {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = ExperimentConfig.from_flat({"data-dir": args.data_dir, "cache-dir": args.cache_dir, "variant": "full",
-                                      **ml100k_features(args.shared)})
+    cfg = ExperimentConfig.from_flat(
+        {"data-dir": args.data_dir, "cache-dir": args.cache_dir, "variant": "full", **ml100k_features(args.shared)}
+    )
     runtime = runtime_for(cfg)  # dataset, features, model: loaded once (not timed)
     model, data = runtime.model.eval(), runtime.assets.data
     users = np.arange(data.num_users)
@@ -68,25 +69,38 @@ def main() -> int:
     memory_s, memory = timed(build_memories, args.repeats)
     candidates = all_candidates(data, "test", cfg.eval_negatives, cfg.eval_seed)
     scorer = model_scorer(model, memory, None, None)
-    sampled_s, result = timed(lambda: evaluate(data, scorer, "test", maxlen=cfg.maxlen, protocols=("sampled",),
-                                               candidates_cache=candidates), args.repeats)
-    both_s, _ = timed(lambda: evaluate(data, scorer, "test", maxlen=cfg.maxlen, candidates_cache=candidates),
-                      args.repeats)
+    sampled_s, result = timed(
+        lambda: evaluate(data, scorer, "test", maxlen=cfg.maxlen, protocols=("sampled",), candidates_cache=candidates),
+        args.repeats,
+    )
+    both_s, _ = timed(
+        lambda: evaluate(data, scorer, "test", maxlen=cfg.maxlen, candidates_cache=candidates), args.repeats
+    )
     arrays = {k: v.numpy().copy() for k, v in model.state_dict().items()}
     tick = time.perf_counter()
     for user in users:
         runtime.evaluate(int(user), arrays, None, None, split="test")
     per_client_s = time.perf_counter() - tick
     payload = {
-        "command": "python " + command_line(), "machine": machine_description(), "threads": torch.get_num_threads(),
-        "users": int(data.num_users), "model": "FedDMMR full (text + visual), fresh weights",
-        "central": {"build_memories_s": round(memory_s, 3), "sampled_all_users_s": round(sampled_s, 3),
-                    "sampled_with_memories_s": round(sampled_s + memory_s, 3),
-                    "both_protocols_all_users_s": round(both_s, 3)},
+        "command": "python " + command_line(),
+        "machine": machine_description(),
+        "threads": torch.get_num_threads(),
+        "users": int(data.num_users),
+        "model": "FedDMMR full (text + visual), fresh weights",
+        "central": {
+            "build_memories_s": round(memory_s, 3),
+            "sampled_all_users_s": round(sampled_s, 3),
+            "sampled_with_memories_s": round(sampled_s + memory_s, 3),
+            "both_protocols_all_users_s": round(both_s, 3),
+        },
         "federated_clients_one_after_another_s": round(per_client_s, 2),
         "federated_per_client_ms": round(1000 * per_client_s / data.num_users, 2),
-        "target": {"target": "evaluation of all users (sampled protocol) ≤ 10 s on ML-100K",
-                   "value": round(sampled_s + memory_s, 3), "bar": 10.0, "met": sampled_s + memory_s <= 10.0},
+        "target": {
+            "target": "evaluation of all users (sampled protocol) ≤ 10 s on ML-100K",
+            "value": round(sampled_s + memory_s, 3),
+            "bar": 10.0,
+            "met": sampled_s + memory_s <= 10.0,
+        },
         "check_num_users": int(len(result.users)),
     }
     atomic_write_json(Path(args.out), payload)

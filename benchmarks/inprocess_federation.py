@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     schedule = StageSchedule.parse(cfg.stage_schedule)
     rng = np.random.default_rng(cfg.seed)
     users_all = np.arange(runtime.num_users)
-    eval_users = np.sort(rng.choice(users_all, min(cfg.eval_users or runtime.num_users, runtime.num_users), replace=False))
+    eval_users = np.sort(
+        rng.choice(users_all, min(cfg.eval_users or runtime.num_users, runtime.num_users), replace=False)
+    )
     per_round = max(1, int(round(cfg.fraction_train * runtime.num_users)))
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     memories: dict[int, dict] = {}
@@ -88,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     for segment in schedule.segments:
         names = trainable_names(model, segment.stage)
         params = [torch.nn.Parameter(global_state[n].clone()) for n in names]
-        server_opt = torch.optim.Adam(params, lr=cfg.server_lr, betas=(0.9, 0.99), eps=1e-9) \
-            if cfg.strategy == "fedadam" else None
+        server_opt = (
+            torch.optim.Adam(params, lr=cfg.server_lr, betas=(0.9, 0.99), eps=1e-9)
+            if cfg.strategy == "fedadam"
+            else None
+        )
         for rnd in range(segment.first_round, segment.last_round + 1):
             tick = time.perf_counter()
             arrays = {k: v.numpy() for k, v in global_state.items()}
@@ -97,8 +102,16 @@ def main(argv: list[str] | None = None) -> int:
             sums = {n: torch.zeros_like(global_state[n], dtype=torch.float64) for n in names}
             total, losses, protos, client_seconds = 0.0, [], [], 0.0
             for user in sampled:
-                outcome = runtime.train(int(user), arrays, prototypes, memories.get(int(user)), stage=segment.stage,
-                                        lr=cfg.client_lr, local_epochs=cfg.local_epochs, server_round=rnd)
+                outcome = runtime.train(
+                    int(user),
+                    arrays,
+                    prototypes,
+                    memories.get(int(user)),
+                    stage=segment.stage,
+                    lr=cfg.client_lr,
+                    local_epochs=cfg.local_epochs,
+                    server_round=rnd,
+                )
                 memories[int(user)] = outcome.memory
                 for n in names:
                     sums[n] += torch.as_tensor(outcome.arrays[n], dtype=torch.float64) * outcome.num_examples
@@ -119,25 +132,46 @@ def main(argv: list[str] | None = None) -> int:
                 for p, n in zip(params, names):
                     global_state[n] = p.detach().clone()
             if protos and model.config.uses_prototypes:
-                result = aggregate_prototypes(prototypes, protos, num_prototypes=cfg.num_prototypes,
-                                              ema=cfg.prototype_ema, seed=cfg.seed)
+                result = aggregate_prototypes(
+                    prototypes, protos, num_prototypes=cfg.num_prototypes, ema=cfg.prototype_ema, seed=cfg.seed
+                )
                 prototypes = result.prototypes
-            record = {"round": rnd, "stage": segment.stage, "loss": float(np.mean(losses)),
-                      "seconds": round(time.perf_counter() - tick, 3), "client_seconds": round(client_seconds, 3)}
+            record = {
+                "round": rnd,
+                "stage": segment.stage,
+                "loss": float(np.mean(losses)),
+                "seconds": round(time.perf_counter() - tick, 3),
+                "client_seconds": round(client_seconds, 3),
+            }
             if rnd % cfg.eval_every == 0 or rnd == segment.last_round:
-                valid = evaluate_users(runtime, eval_users, {k: v.numpy() for k, v in global_state.items()},
-                                       prototypes, memories, "valid")
+                valid = evaluate_users(
+                    runtime, eval_users, {k: v.numpy() for k, v in global_state.items()}, prototypes, memories, "valid"
+                )
                 record["valid"] = {k: round(v, 5) for k, v in valid.items() if "@" in k or "MRR" in k}
                 if valid["NDCG@10"] > best["ndcg"]:
-                    best = {"ndcg": valid["NDCG@10"], "round": rnd,
-                            "state": {k: v.clone() for k, v in global_state.items()}, "prototypes": prototypes}
+                    best = {
+                        "ndcg": valid["NDCG@10"],
+                        "round": rnd,
+                        "state": {k: v.clone() for k, v in global_state.items()},
+                        "prototypes": prototypes,
+                    }
             history.append(record)
-            print(f"round {rnd}/{schedule.total_rounds} [{segment.stage}] loss {record['loss']:.4f} "
-                  f"{record['seconds']:.1f}s" + (f" valid NDCG@10 {record['valid']['NDCG@10']:.4f}"
-                                                 if "valid" in record else ""), file=sys.stderr, flush=True)
-    payload = {"command": "python " + command_line(), "machine": machine_description(),
-               "config": cfg.flat(), "history": history, "best_round": best.get("round"),
-               "best_valid_NDCG@10": best["ndcg"], "wall_time_s": round(time.perf_counter() - started, 1)}
+            print(
+                f"round {rnd}/{schedule.total_rounds} [{segment.stage}] loss {record['loss']:.4f} "
+                f"{record['seconds']:.1f}s"
+                + (f" valid NDCG@10 {record['valid']['NDCG@10']:.4f}" if "valid" in record else ""),
+                file=sys.stderr,
+                flush=True,
+            )
+    payload = {
+        "command": "python " + command_line(),
+        "machine": machine_description(),
+        "config": cfg.flat(),
+        "history": history,
+        "best_round": best.get("round"),
+        "best_valid_NDCG@10": best["ndcg"],
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }
     if args.final_test:
         arrays = {k: v.numpy() for k, v in best["state"].items()}
         payload["test"] = evaluate_users(runtime, users_all, arrays, best["prototypes"], memories, "test")

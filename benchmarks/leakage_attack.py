@@ -43,8 +43,8 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from feddmmr_flower.client import ClientRuntime  # noqa: E402
 from feddmmr_flower.atomic import atomic_path  # noqa: E402
+from feddmmr_flower.client import ClientRuntime  # noqa: E402
 from feddmmr_flower.config import ExperimentConfig  # noqa: E402
 from feddmmr_flower.data.sequences import atomic_write_json  # noqa: E402
 from feddmmr_flower.evaluation import evaluate  # noqa: E402
@@ -63,13 +63,22 @@ from feddmmr_flower.train import (  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="trained FedDMMR checkpoint (best.pt) of variant full")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="run-config overrides of the checkpoint's experiment (e.g. data-dir=...)")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config overrides of the checkpoint's experiment (e.g. data-dir=...)",
+    )
     parser.add_argument("--min-cluster-sizes", default="1,3,5")
     parser.add_argument("--noise", default="0,0.005,0.01,0.02,0.05,0.1", help="prototype-noise std values")
     parser.add_argument("--participations", type=int, default=15, help="client training steps per user")
-    parser.add_argument("--memories", default="", help="cache of the filled memories (.npz; default: beside the "
-                        "checkpoint, keyed by participations); reused when present, so a new grid costs minutes")
+    parser.add_argument(
+        "--memories",
+        default="",
+        help="cache of the filled memories (.npz; default: beside the "
+        "checkpoint, keyed by participations); reused when present, so a new grid costs minutes",
+    )
     parser.add_argument("--target-auc", type=float, default=0.6)
     parser.add_argument("--max-loss", type=float, default=0.01, help="relative validation NDCG@10 loss allowed")
     parser.add_argument("--seed", type=int, default=0)
@@ -103,8 +112,16 @@ def fill_memories(cfg: ExperimentConfig, checkpoint: str, participations: int) -
     for user in range(users):
         saved = None
         for rnd in range(1, participations + 1):
-            saved = runtime.train(user, arrays, prototypes, saved, stage=stage, lr=cfg.client_lr,
-                                  local_epochs=cfg.local_epochs, server_round=rnd).memory
+            saved = runtime.train(
+                user,
+                arrays,
+                prototypes,
+                saved,
+                stage=stage,
+                lr=cfg.client_lr,
+                local_epochs=cfg.local_epochs,
+                server_round=rnd,
+            ).memory
         memory.load_state(saved, row=user)
         if user % 200 == 0:
             print(f"[leakage] memories: user {user}/{users}", file=sys.stderr, flush=True)
@@ -139,20 +156,32 @@ def attack(model, data, memory: LocalDynamicMemory, config: PrototypeConfig, see
             pooled_y.append(labels)
             pooled_s.append(scores)
     assert num_items > 0
-    return (np.array(per_user), float(roc_auc_score(np.concatenate(pooled_y), np.concatenate(pooled_s))),
-            released)
+    return (np.array(per_user), float(roc_auc_score(np.concatenate(pooled_y), np.concatenate(pooled_s))), released)
 
 
 def utility(cfg: ExperimentConfig, data, model, memory: LocalDynamicMemory, released, seed: int) -> dict:
     clients = [(c, s) for c, s in released if len(c)]
-    agg = aggregate_prototypes(None, clients, num_prototypes=cfg.num_prototypes, seed=seed,
-                               dim=model.config.prototype_dim) if clients else None
+    agg = (
+        aggregate_prototypes(
+            None, clients, num_prototypes=cfg.num_prototypes, seed=seed, dim=model.config.prototype_dim
+        )
+        if clients
+        else None
+    )
     protos = None if agg is None or agg.prototypes is None else torch.as_tensor(agg.prototypes)
     scorer = model_scorer(model, memory, None, protos)
     out = {}
     for split in ("valid", "test"):
-        result = evaluate(data, scorer, split, maxlen=model.config.maxlen, protocols=("sampled",),
-                          num_negatives=cfg.eval_negatives, seed=cfg.eval_seed, device=cfg.device)
+        result = evaluate(
+            data,
+            scorer,
+            split,
+            maxlen=model.config.maxlen,
+            protocols=("sampled",),
+            num_negatives=cfg.eval_negatives,
+            seed=cfg.eval_seed,
+            device=cfg.device,
+        )
         out[split] = {k: round(v, 5) for k, v in result.metrics("sampled").items() if k in ("NDCG@10", "HR@10")}
     out["num_global_prototypes"] = 0 if protos is None else int(protos.shape[0])
     return out
@@ -170,13 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     cfg, assets, model = load(args)
     data = assets.data
-    cache = Path(args.memories or Path(args.checkpoint).with_name(
-        f"leakage-memories-{Path(args.checkpoint).stem}-p{args.participations}.npz"))
+    cache = Path(
+        args.memories
+        or Path(args.checkpoint).with_name(f"leakage-memories-{Path(args.checkpoint).stem}-p{args.participations}.npz")
+    )
     memory = LocalDynamicMemory(data.num_users, memory_config(cfg))
     if cache.is_file():
         with np.load(cache) as saved:
             for user in range(data.num_users):
-                memory.load_state({k.split("/", 1)[1]: saved[k] for k in saved.files if k.startswith(f"{user}/")}, row=user)
+                memory.load_state(
+                    {k.split("/", 1)[1]: saved[k] for k in saved.files if k.startswith(f"{user}/")}, row=user
+                )
         print(f"[leakage] memories from {cache}", file=sys.stderr)
     else:
         memory = fill_memories(cfg, args.checkpoint, args.participations)
@@ -195,49 +228,89 @@ def main(argv: list[str] | None = None) -> int:
                 aucs, pooled, released = attack(model, data, memory, pcfg, args.seed)
                 util = utility(cfg, data, model, memory, released, args.seed)
             k = np.array([len(c) for c, _ in released])
-            row = {"min_cluster_size": m, "prototype_noise": sigma, "attack_auc_mean": round(float(aucs.mean()), 4),
-                   "attack_auc_median": round(float(np.median(aucs)), 4), "attack_auc_pooled": round(pooled, 4),
-                   "users_releasing": int((k > 0).sum()), "prototypes_per_user": round(float(k.mean()), 3),
-                   **{f"{split}_{key}": value for split in ("valid", "test") for key, value in util[split].items()},
-                   "seconds": round(time.time() - tick, 1)}
+            row = {
+                "min_cluster_size": m,
+                "prototype_noise": sigma,
+                "attack_auc_mean": round(float(aucs.mean()), 4),
+                "attack_auc_median": round(float(np.median(aucs)), 4),
+                "attack_auc_pooled": round(pooled, 4),
+                "users_releasing": int((k > 0).sum()),
+                "prototypes_per_user": round(float(k.mean()), 3),
+                **{f"{split}_{key}": value for split in ("valid", "test") for key, value in util[split].items()},
+                "seconds": round(time.time() - tick, 1),
+            }
             settings.append(row)
             print(f"[leakage] {json.dumps(row)}", file=sys.stderr, flush=True)
-    unprotected = next(r for r in settings if r["min_cluster_size"] == min(s["min_cluster_size"] for s in settings)
-                       and r["prototype_noise"] == 0.0)
+    unprotected = next(
+        r
+        for r in settings
+        if r["min_cluster_size"] == min(s["min_cluster_size"] for s in settings) and r["prototype_noise"] == 0.0
+    )
     for row in settings:
         for split in ("valid", "test"):
             row[f"{split}_NDCG@10_loss_vs_unprotected"] = round(
-                1 - row[f"{split}_NDCG@10"] / unprotected[f"{split}_NDCG@10"], 5)
-    ok = [r for r in settings if r["attack_auc_mean"] <= args.target_auc
-          and r["valid_NDCG@10_loss_vs_unprotected"] <= args.max_loss]
+                1 - row[f"{split}_NDCG@10"] / unprotected[f"{split}_NDCG@10"], 5
+            )
+    ok = [
+        r
+        for r in settings
+        if r["attack_auc_mean"] <= args.target_auc and r["valid_NDCG@10_loss_vs_unprotected"] <= args.max_loss
+    ]
     # Least noise; at equal noise keep the current min-cluster-size if it qualifies, else the lowest AUC.
-    chosen = min(ok, key=lambda r: (r["prototype_noise"], r["min_cluster_size"] != cfg.min_cluster_size,
-                                    r["attack_auc_mean"])) if ok else None
-    current = next((r for r in settings if r["min_cluster_size"] == cfg.min_cluster_size
-                    and r["prototype_noise"] == cfg.prototype_noise), None)
+    chosen = (
+        min(
+            ok,
+            key=lambda r: (r["prototype_noise"], r["min_cluster_size"] != cfg.min_cluster_size, r["attack_auc_mean"]),
+        )
+        if ok
+        else None
+    )
+    current = next(
+        (
+            r
+            for r in settings
+            if r["min_cluster_size"] == cfg.min_cluster_size and r["prototype_noise"] == cfg.prototype_noise
+        ),
+        None,
+    )
     payload = {
-        "command": command_line(), "machine": machine_description(), "checkpoint": args.checkpoint,
-        "experiment": _portable(cfg.flat()), "participations": args.participations, "seed": args.seed,
+        "command": command_line(),
+        "machine": machine_description(),
+        "checkpoint": args.checkpoint,
+        "experiment": _portable(cfg.flat()),
+        "participations": args.participations,
+        "seed": args.seed,
         "memories": str(cache),
         "memory_size": {"mean": round(float(sizes.mean()), 2), "min": int(sizes.min()), "max": int(sizes.max())},
         "attack": "score = max cosine(item vector [ID|text|image], released centroids); positives = memory items, "
-                  "negatives = as many random never-interacted items; AUC per user (0.5 when nothing released), mean",
+        "negatives = as many random never-interacted items; AUC per user (0.5 when nothing released), mean",
         "utility": "sampled protocol (1 + 100 negatives), all users; global prototypes = weighted K-Means over "
-                   "all users' released prototypes (the server's first-round aggregation); no retraining",
+        "all users' released prototypes (the server's first-round aggregation); no retraining",
         "no_prototypes": reference,
         "settings": settings,
         "target": {"attack_auc_mean_max": args.target_auc, "valid_NDCG@10_loss_max": args.max_loss},
-        "default_in_checkpoint": {"min_cluster_size": cfg.min_cluster_size, "prototype_noise": cfg.prototype_noise,
-                                  "meets_target": bool(current and current in ok)},
-        "selected_on_validation": None if chosen is None else
-        {"min_cluster_size": chosen["min_cluster_size"], "prototype_noise": chosen["prototype_noise"]},
+        "default_in_checkpoint": {
+            "min_cluster_size": cfg.min_cluster_size,
+            "prototype_noise": cfg.prototype_noise,
+            "meets_target": bool(current and current in ok),
+        },
+        "selected_on_validation": None
+        if chosen is None
+        else {"min_cluster_size": chosen["min_cluster_size"], "prototype_noise": chosen["prototype_noise"]},
         "wall_time_s": round(time.time() - started, 1),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(args.out), payload)
-    print(json.dumps({"selected_on_validation": payload["selected_on_validation"],
-                      "default_meets_target": payload["default_in_checkpoint"]["meets_target"],
-                      "out": args.out}, indent=2))
+    print(
+        json.dumps(
+            {
+                "selected_on_validation": payload["selected_on_validation"],
+                "default_meets_target": payload["default_in_checkpoint"]["meets_target"],
+                "out": args.out,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import app_defaults, ml100k_features  # noqa: E402
-
 from feddmmr_flower.data.sequences import atomic_write_json  # noqa: E402
 from feddmmr_flower.train import command_line, machine_description  # noqa: E402
 
@@ -68,7 +67,7 @@ def _short(func: tuple) -> str:
 
 def top(stats: pstats.Stats, key: str, only_ours: bool = False) -> list[dict]:
     rows = []
-    for func, (cc, nc, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
+    for func, (_cc, nc, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
         ours = any(part in func[0] for part in ("/feddmmr_flower/", "/client_app/", "/server_app/", "/strategies/"))
         if only_ours and not ours:
             continue
@@ -90,9 +89,19 @@ def main() -> int:
     from server_app.inprocess import run_federation
 
     tmp = tempfile.mkdtemp(prefix="profile-round-")
-    config = {**app_defaults(), "data-dir": args.data_dir, "cache-dir": args.cache_dir,
-              **ml100k_features(args.shared), "stage-schedule": "pretrain:3,finetune:3", "eval-every": 1000, "eval-users": 1,
-              "final-test": False, "output-dir": tmp, "run-name": "profile", "min-available-nodes": 1}
+    config = {
+        **app_defaults(),
+        "data-dir": args.data_dir,
+        "cache-dir": args.cache_dir,
+        **ml100k_features(args.shared),
+        "stage-schedule": "pretrain:3,finetune:3",
+        "eval-every": 1000,
+        "eval-users": 1,
+        "final-test": False,
+        "output-dir": tmp,
+        "run-name": "profile",
+        "min-available-nodes": 1,
+    }
     profiles: dict[int, cProfile.Profile] = {}
     seconds: dict[int, float] = {}
     original = federation.FederatedRun._save_round
@@ -108,18 +117,28 @@ def main() -> int:
             profiles[rnd + 1].enable()
 
     federation.FederatedRun._save_round = save_round
-    from feddmmr_flower.experiment import load_data
     from feddmmr_flower.config import ExperimentConfig
+    from feddmmr_flower.experiment import load_data
 
     users = load_data(ExperimentConfig.from_flat(config))[0].num_users
     run_federation(config, users)
-    result = {"command": "python " + command_line(), "machine": machine_description(), "label": args.label,
-              "clients_per_round": round(config["fraction-train"] * users), "rounds": {}, "actions": ACTIONS}
+    result = {
+        "command": "python " + command_line(),
+        "machine": machine_description(),
+        "label": args.label,
+        "clients_per_round": round(config["fraction-train"] * users),
+        "rounds": {},
+        "actions": ACTIONS,
+    }
     for rnd, stage in PROFILED_ROUNDS.items():
         stats = pstats.Stats(profiles[rnd], stream=io.StringIO())
         result["rounds"][stage] = {
-            "round": rnd, "seconds": round(seconds[rnd], 3), "profiled_seconds": round(stats.total_tt, 3),  # type: ignore[attr-defined]
-            "top_self_time": top(stats, "self_s"), "top_our_functions_cumulative": top(stats, "cumulative_s", True)}
+            "round": rnd,
+            "seconds": round(seconds[rnd], 3),
+            "profiled_seconds": round(stats.total_tt, 3),  # type: ignore[attr-defined]
+            "top_self_time": top(stats, "self_s"),
+            "top_our_functions_cumulative": top(stats, "cumulative_s", True),
+        }
         print(f"[profile] round {rnd} ({stage}): {seconds[rnd]:.2f} s", file=sys.stderr)
         for row in result["rounds"][stage]["top_self_time"]:
             print(f"  {row['self_s']:7.3f} s self  {row['calls']:>7} calls  {row['function']}", file=sys.stderr)

@@ -40,16 +40,25 @@ METRICS = ("HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR")
 
 # name: (kind, label, overrides). Federated rows take the app's defaults (pyproject.toml) plus these.
 ROWS: dict[str, tuple[str, str, dict]] = {
-    "central-sasrec": ("central", "centralized SASRec", {"variant": "sasrec", "stage-schedule": "pretrain:200",
-                                                          "eval-every": 5, "patience": 6}),
-    "central-full": ("central", "centralized FedDMMR full", {"variant": "full", "stage-schedule": "align:5,finetune:60",
-                                                             "eval-every": 5, "patience": 4}),
+    "central-sasrec": (
+        "central",
+        "centralized SASRec",
+        {"variant": "sasrec", "stage-schedule": "pretrain:200", "eval-every": 5, "patience": 6},
+    ),
+    "central-full": (
+        "central",
+        "centralized FedDMMR full",
+        {"variant": "full", "stage-schedule": "align:5,finetune:60", "eval-every": 5, "patience": 4},
+    ),
     "fedavg-sasrec": ("federated", "FedAvg-SASRec", {"variant": "sasrec", "strategy": "fedavg", "client-lr": 2.0}),
     "fedadam-sasrec": ("federated", "FedAdam-SASRec", {"variant": "sasrec", "strategy": "fedadam"}),
     "feddmmr-no-proto": ("federated", "FedDMMR no-proto (FedAdam)", {"variant": "no-proto"}),
     "feddmmr-no-contrast": ("federated", "FedDMMR no-contrast (FedAdam)", {"variant": "no-contrast"}),
-    "feddmmr-full-fedavg": ("federated", "FedDMMR full, FedAvg", {"variant": "full", "strategy": "fedavg",
-                                                                  "client-lr": 2.0}),
+    "feddmmr-full-fedavg": (
+        "federated",
+        "FedDMMR full, FedAvg",
+        {"variant": "full", "strategy": "fedavg", "client-lr": 2.0},
+    ),
     "feddmmr-full-fedadam": ("federated", "FedDMMR full, FedAdam", {"variant": "full", "strategy": "fedadam"}),
     "local-only": ("local", "local only (each user alone, SASRec)", {"variant": "sasrec"}),
 }
@@ -92,9 +101,16 @@ def run_central(row: str, seed: int, args) -> dict:
     subprocess.run(command + ["--results-json", str(raw)], check=True)
     payload = json.loads(raw.read_text())
     curve = [(r["epoch"], r["valid"]["NDCG@10"]) for r in payload["history"] if r.get("valid")]
-    return {"test": payload["test"], "by_history_length": payload["test_by_history_length"],
-            "best": payload["best_epoch"], "best_unit": "epoch", "best_valid_NDCG@10": payload["best_valid"]["NDCG@10"],
-            "wall_time_s": payload["wall_time_s"], "curve": curve, "central_command": payload["command"]}
+    return {
+        "test": payload["test"],
+        "by_history_length": payload["test_by_history_length"],
+        "best": payload["best_epoch"],
+        "best_unit": "epoch",
+        "best_valid_NDCG@10": payload["best_valid"]["NDCG@10"],
+        "wall_time_s": payload["wall_time_s"],
+        "curve": curve,
+        "central_command": payload["command"],
+    }
 
 
 def run_federated(row: str, seed: int, args) -> dict:
@@ -104,8 +120,15 @@ def run_federated(row: str, seed: int, args) -> dict:
     from server_app.inprocess import run_federation
 
     _, _, overrides = ROWS[row]
-    flat = {**app_defaults(), **data_flags(args), **overrides, "seed": seed, "output-dir": str(OUT_ROOT),
-            "run-name": f"{row}-s{seed}", "min-available-nodes": 1}
+    flat = {
+        **app_defaults(),
+        **data_flags(args),
+        **overrides,
+        "seed": seed,
+        "output-dir": str(OUT_ROOT),
+        "run-name": f"{row}-s{seed}",
+        "min-available-nodes": 1,
+    }
     data, _ = load_data(ExperimentConfig.from_flat(flat))
     per_user: list[dict] = []
 
@@ -120,13 +143,23 @@ def run_federated(row: str, seed: int, args) -> dict:
     buckets = {}
     for name, mask in history_buckets(lengths).items():
         chosen = [u for u, keep in zip(per_user, mask) if keep]
-        buckets[name] = {"num_users": len(chosen),
-                         "sampled": {m: float(np.mean([u[m] for u in chosen])) for m in METRICS} if chosen else {},
-                         "full": {m: float(np.mean([u[f"full-{m}"] for u in chosen])) for m in METRICS} if chosen else {}}
+        buckets[name] = {
+            "num_users": len(chosen),
+            "sampled": {m: float(np.mean([u[m] for u in chosen])) for m in METRICS} if chosen else {},
+            "full": {m: float(np.mean([u[f"full-{m}"] for u in chosen])) for m in METRICS} if chosen else {},
+        }
     curve = [(r["round"], r["valid"]["NDCG@10"]) for r in history if r.get("valid")]
-    return {"test": summary["test"], "by_history_length": buckets, "best": summary["best_round"], "best_unit": "round",
-            "rounds": summary["rounds"], "best_valid_NDCG@10": summary["best_valid_NDCG@10"],
-            "wall_time_s": summary["wall_time_s"], "mean_round_seconds": summary["mean_round_seconds"], "curve": curve}
+    return {
+        "test": summary["test"],
+        "by_history_length": buckets,
+        "best": summary["best_round"],
+        "best_unit": "round",
+        "rounds": summary["rounds"],
+        "best_valid_NDCG@10": summary["best_valid_NDCG@10"],
+        "wall_time_s": summary["wall_time_s"],
+        "mean_round_seconds": summary["mean_round_seconds"],
+        "curve": curve,
+    }
 
 
 def run_local(row: str, seed: int, args) -> dict:
@@ -138,26 +171,41 @@ def run_local(row: str, seed: int, args) -> dict:
     from feddmmr_flower.evaluation import history_buckets
 
     _, _, overrides = ROWS[row]
-    cfg = ExperimentConfig.from_flat({**{k: v for k, v in data_flags(args).items() if k in ("data-dir", "cache-dir")},
-                                      "text-features": False, **overrides, "seed": seed})
+    cfg = ExperimentConfig.from_flat(
+        {
+            **{k: v for k, v in data_flags(args).items() if k in ("data-dir", "cache-dir")},
+            "text-features": False,
+            **overrides,
+            "seed": seed,
+        }
+    )
     torch.manual_seed(seed)
     runtime = runtime_for(cfg)
     initial = {k: v.detach().numpy().copy() for k, v in runtime.model.state_dict().items()}
     started, users = time.perf_counter(), runtime.num_users
     # results[(lr, epochs)][split] = per-user metric dicts
-    results: dict[tuple, dict[str, list]] = {(lr, e): {"valid": [], "test": []} for lr in LOCAL_LRS for e in LOCAL_EPOCHS}
+    results: dict[tuple, dict[str, list]] = {
+        (lr, e): {"valid": [], "test": []} for lr in LOCAL_LRS for e in LOCAL_EPOCHS
+    }
     for user in range(users):
         for lr in LOCAL_LRS:
             arrays = dict(initial)
             for epoch in range(1, max(LOCAL_EPOCHS) + 1):
-                arrays.update(runtime.train(user, arrays, None, None, stage="pretrain", lr=lr, local_epochs=1,
-                                            server_round=epoch).arrays)
+                arrays.update(
+                    runtime.train(
+                        user, arrays, None, None, stage="pretrain", lr=lr, local_epochs=1, server_round=epoch
+                    ).arrays
+                )
                 if epoch in LOCAL_EPOCHS:
                     for split in ("valid", "test"):
                         metrics = runtime.evaluate(user, arrays, None, None, split=split).metrics
                         results[(lr, epoch)][split].append(metrics)
         if user % 100 == 99:
-            print(f"[local-only] {user + 1}/{users} users, {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
+            print(
+                f"[local-only] {user + 1}/{users} users, {time.perf_counter() - started:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def mean(rows: list[dict], prefix: str = "") -> dict:
         return {m: float(np.mean([r[prefix + m] for r in rows])) for m in METRICS}
@@ -165,14 +213,25 @@ def run_local(row: str, seed: int, args) -> dict:
     selection = {f"lr={lr},epochs={e}": mean(v["valid"])["NDCG@10"] for (lr, e), v in results.items()}
     best = max(results, key=lambda key: mean(results[key]["valid"])["NDCG@10"])
     test_rows = results[best]["test"]
-    buckets = {name: {"num_users": int(mask.sum()),
-                      "sampled": mean([r for r, k in zip(test_rows, mask) if k]),
-                      "full": mean([r for r, k in zip(test_rows, mask) if k], "full-")}
-               for name, mask in history_buckets(runtime.assets.data.train_lengths(np.arange(users))).items()}
-    return {"test": {"sampled": mean(test_rows), "full": mean(test_rows, "full-"), "num_users": users},
-            "by_history_length": buckets, "best": best[1], "best_unit": "local epochs",
-            "best_valid_NDCG@10": selection[f"lr={best[0]},epochs={best[1]}"], "selected": {"lr": best[0], "epochs": best[1]},
-            "validation_grid": selection, "wall_time_s": round(time.perf_counter() - started, 1), "curve": []}
+    buckets = {
+        name: {
+            "num_users": int(mask.sum()),
+            "sampled": mean([r for r, k in zip(test_rows, mask) if k]),
+            "full": mean([r for r, k in zip(test_rows, mask) if k], "full-"),
+        }
+        for name, mask in history_buckets(runtime.assets.data.train_lengths(np.arange(users))).items()
+    }
+    return {
+        "test": {"sampled": mean(test_rows), "full": mean(test_rows, "full-"), "num_users": users},
+        "by_history_length": buckets,
+        "best": best[1],
+        "best_unit": "local epochs",
+        "best_valid_NDCG@10": selection[f"lr={best[0]},epochs={best[1]}"],
+        "selected": {"lr": best[0], "epochs": best[1]},
+        "validation_grid": selection,
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "curve": [],
+    }
 
 
 RUNNERS = {"central": run_central, "federated": run_federated, "local": run_local}
@@ -189,12 +248,24 @@ def run_one(row: str, seed: int, args) -> None:
     result = RUNNERS[kind](row, seed, args)
     # CPU seconds of this process and its children: single-threaded runs, so this is the run's
     # compute even when other work shared the machine (wall_time_s is not).
-    result["cpu_time_s"] = round(sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
-                                                                          resource.getrusage(resource.RUSAGE_CHILDREN))), 1)
-    payload = {"row": row, "label": label, "kind": kind, "seed": seed, "overrides": overrides,
-               "command": f"python benchmarks/quality.py --data-dir {args.data_dir} --shared {args.shared} "
-                          f"--rows {row} --seeds {seed}" + "".join(f" --set {item}" for item in args.set),
-               "machine": machine_description(), **result}
+    result["cpu_time_s"] = round(
+        sum(
+            u.ru_utime + u.ru_stime
+            for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+        ),
+        1,
+    )
+    payload = {
+        "row": row,
+        "label": label,
+        "kind": kind,
+        "seed": seed,
+        "overrides": overrides,
+        "command": f"python benchmarks/quality.py --data-dir {args.data_dir} --shared {args.shared} "
+        f"--rows {row} --seeds {seed}" + "".join(f" --set {item}" for item in args.set),
+        "machine": machine_description(),
+        **result,
+    }
     PER_RUN.mkdir(parents=True, exist_ok=True)
     text = relative(json.dumps(payload, indent=2), args.data_dir, args.shared, ".")
     atomic_write_json(result_path(row, seed), json.loads(text))
@@ -223,16 +294,37 @@ def schedule(tasks: list[tuple[str, int]], args) -> None:
             if proc.poll() is not None:
                 del running[key]
                 done += 1
-                status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {logs}/{key[0]}_seed{key[1]}.log)"
-                print(f"[quality] {key[0]} seed {key[1]}: {status} in {(time.time() - tick) / 60:.1f} min "
-                      f"({done}/{len(tasks)} done, {(time.time() - started) / 60:.0f} min so far)", flush=True)
+                status = (
+                    "ok"
+                    if proc.returncode == 0
+                    else f"FAILED (exit {proc.returncode}, see {logs}/{key[0]}_seed{key[1]}.log)"
+                )
+                print(
+                    f"[quality] {key[0]} seed {key[1]}: {status} in {(time.time() - tick) / 60:.1f} min "
+                    f"({done}/{len(tasks)} done, {(time.time() - started) / 60:.0f} min so far)",
+                    flush=True,
+                )
         ready = [t for t in pending if t[0] not in DEPENDS or result_path(DEPENDS[t[0]], t[1]).is_file()]
         while ready and len(running) < args.jobs:
             row, seed = task = ready.pop(0)
             pending.remove(task)
-            command = [sys.executable, __file__, "--one", row, "--seeds", str(seed), "--data-dir", args.data_dir,
-                       "--shared", args.shared, "--cache-dir", args.cache_dir, "--out", args.out,
-                       *[f"--set={item}" for item in args.set]]
+            command = [
+                sys.executable,
+                __file__,
+                "--one",
+                row,
+                "--seeds",
+                str(seed),
+                "--data-dir",
+                args.data_dir,
+                "--shared",
+                args.shared,
+                "--cache-dir",
+                args.cache_dir,
+                "--out",
+                args.out,
+                *[f"--set={item}" for item in args.set],
+            ]
             log = open(logs / f"{row}_seed{seed}.log", "w")  # noqa: SIM115 - closed with the process
             env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
             running[task] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), time.time())
@@ -245,14 +337,20 @@ def schedule(tasks: list[tuple[str, int]], args) -> None:
 # --------------------------------------------------------------- aggregation
 def _mean_std(values: list[float]) -> dict:
     array = np.asarray(values, dtype=float)
-    return {"mean": round(float(array.mean()), 5), "std": round(float(array.std(ddof=1)) if len(array) > 1 else 0.0, 5),
-            "n": len(array)}
+    return {
+        "mean": round(float(array.mean()), 5),
+        "std": round(float(array.std(ddof=1)) if len(array) > 1 else 0.0, 5),
+        "n": len(array),
+    }
 
 
 def _bucket_stat(runs: list[dict], bucket: str, protocol: str, metric: str) -> dict | None:
     """Mean ± std over seeds of one bucket's metric (None for a bucket without users)."""
-    values = [r["by_history_length"][bucket][protocol].get(metric) for r in runs
-              if r["by_history_length"][bucket]["num_users"]]
+    values = [
+        r["by_history_length"][bucket][protocol].get(metric)
+        for r in runs
+        if r["by_history_length"][bucket]["num_users"]
+    ]
     values = [v for v in values if v is not None and v == v]
     return _mean_std(values) if values else None
 
@@ -267,8 +365,13 @@ def aggregate(seeds: list[int], args) -> dict:
         runs = [json.loads(result_path(row, s).read_text()) for s in seeds if result_path(row, s).is_file()]
         if not runs:
             continue
-        entry = {"label": label, "kind": kind, "overrides": overrides, "seeds": [r["seed"] for r in runs],
-                 "files": [str(result_path(row, r["seed"])) for r in runs]}
+        entry = {
+            "label": label,
+            "kind": kind,
+            "overrides": overrides,
+            "seeds": [r["seed"] for r in runs],
+            "files": [str(result_path(row, r["seed"])) for r in runs],
+        }
         for protocol in ("sampled", "full"):
             entry[protocol] = {m: _mean_std([r["test"][protocol][m] for r in runs]) for m in METRICS}
         entry["best"] = _mean_std([r["best"] for r in runs])
@@ -276,12 +379,16 @@ def aggregate(seeds: list[int], args) -> dict:
         entry["wall_time_s"] = _mean_std([r["wall_time_s"] for r in runs])
         entry["cpu_time_s"] = _mean_std([r["cpu_time_s"] for r in runs])
         entry["by_history_length"] = {
-            name: {"num_users": runs[0]["by_history_length"][name]["num_users"],
-                   **{p: {m: _bucket_stat(runs, name, p, m) for m in ("NDCG@10", "HR@10")} for p in ("sampled", "full")}}
-            for name in runs[0]["by_history_length"]}
+            name: {
+                "num_users": runs[0]["by_history_length"][name]["num_users"],
+                **{p: {m: _bucket_stat(runs, name, p, m) for m in ("NDCG@10", "HR@10")} for p in ("sampled", "full")},
+            }
+            for name in runs[0]["by_history_length"]
+        }
         rounds = sorted({x for r in runs for x, _ in r["curve"]})
-        entry["curve"] = [(x, *_mean_std([dict(r["curve"])[x] for r in runs if x in dict(r["curve"])]).values())
-                          for x in rounds]
+        entry["curve"] = [
+            (x, *_mean_std([dict(r["curve"])[x] for r in runs if x in dict(r["curve"])]).values()) for x in rounds
+        ]
         rows[row] = entry
     targets = []
 
@@ -291,33 +398,60 @@ def aggregate(seeds: list[int], args) -> dict:
     # "full with the best strategy": the one with the higher mean validation NDCG@10 (never the test split)
     fed_full = [r for r in ("feddmmr-full-fedavg", "feddmmr-full-fedadam") if r in rows]
     if fed_full:
-        chosen = max(fed_full, key=lambda r: np.mean([json.loads(Path(f).read_text())["best_valid_NDCG@10"]
-                                                       for f in rows[r]["files"]]))
+        chosen = max(
+            fed_full,
+            key=lambda r: np.mean([json.loads(Path(f).read_text())["best_valid_NDCG@10"] for f in rows[r]["files"]]),
+        )
         # both FedDMMR full rows are judged (FedAvg: same aggregation as FedAvg-SASRec, so the model's own
         # gain), and the one selected on validation is marked
         for row in fed_full:
             for protocol in ("sampled", "full"):
                 if "central-sasrec" in rows:
                     value, bar = ndcg(row, protocol), ndcg("central-sasrec", protocol)
-                    targets.append({"target": f"federated FedDMMR full ≥ centralized SASRec (test NDCG@10, {protocol})",
-                                    "row": row, "selected": row == chosen, "value": value, "bar": bar,
-                                    "met": value >= bar})
+                    targets.append(
+                        {
+                            "target": f"federated FedDMMR full ≥ centralized SASRec (test NDCG@10, {protocol})",
+                            "row": row,
+                            "selected": row == chosen,
+                            "value": value,
+                            "bar": bar,
+                            "met": value >= bar,
+                        }
+                    )
                 if "fedavg-sasrec" in rows:
                     value, bar = ndcg(row, protocol), ndcg("fedavg-sasrec", protocol) * 1.03
-                    targets.append({"target": f"FedDMMR full ≥ FedAvg-SASRec + 3% (test NDCG@10, {protocol})",
-                                    "row": row, "selected": row == chosen, "value": value, "bar": round(bar, 5),
-                                    "met": value >= bar})
-    payload = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-               "machine": machine_description(), "seeds": seeds, "std": "sample std (ddof=1) over seeds",
-               "selected_full_row": fed_full and chosen, "rows": rows, "targets": targets}
+                    targets.append(
+                        {
+                            "target": f"FedDMMR full ≥ FedAvg-SASRec + 3% (test NDCG@10, {protocol})",
+                            "row": row,
+                            "selected": row == chosen,
+                            "value": value,
+                            "bar": round(bar, 5),
+                            "met": value >= bar,
+                        }
+                    )
+    payload = {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "machine": machine_description(),
+        "seeds": seeds,
+        "std": "sample std (ddof=1) over seeds",
+        "selected_full_row": fed_full and chosen,
+        "rows": rows,
+        "targets": targets,
+    }
     text = relative(json.dumps(payload, indent=2), args.data_dir, args.shared, ".")
     atomic_write_json(RESULTS / "quality_ml100k.json", json.loads(text))
-    curves = {rows[r]["label"]: [(x, m, s) for x, m, s, _ in rows[r]["curve"]]
-              for r in rows if rows[r]["kind"] == "federated"}
+    curves = {
+        rows[r]["label"]: [(x, m, s) for x, m, s, _ in rows[r]["curve"]] for r in rows if rows[r]["kind"] == "federated"
+    }
     if curves:
-        plot_mean_curves(curves, RESULTS / "quality_curves.png", ylabel="validation NDCG@10 (150 users, sampled)",
-                         title="ML-100K federated rows: validation NDCG@10 vs round (mean ± std over "
-                               f"{max(len(rows[r]['seeds']) for r in rows if rows[r]['kind'] == 'federated')} seeds)")
+        plot_mean_curves(
+            curves,
+            RESULTS / "quality_curves.png",
+            ylabel="validation NDCG@10 (150 users, sampled)",
+            title="ML-100K federated rows: validation NDCG@10 vs round (mean ± std over "
+            f"{max(len(rows[r]['seeds']) for r in rows if rows[r]['kind'] == 'federated')} seeds)",
+        )
     return payload
 
 
@@ -329,9 +463,14 @@ def main() -> int:
     parser.add_argument("--seeds", default="42,43,44")
     parser.add_argument("--rows", default="all", help=f"comma-separated, from {', '.join(ROWS)}")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each uses one CPU thread)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value in every row (TOML value), e.g. --set stage-schedule='\"pretrain:2\"' "
-                             "(smoke tests; the results name them)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value in every row (TOML value), e.g. --set stage-schedule='\"pretrain:2\"' "
+        "(smoke tests; the results name them)",
+    )
     parser.add_argument("--out", default=str(RESULTS), help="results folder")
     parser.add_argument("--aggregate", action="store_true", help="only aggregate the per-run files already there")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: run this row
@@ -351,8 +490,10 @@ def main() -> int:
         schedule(tasks, args)
     payload = aggregate(seeds, args)
     for target in payload["targets"]:
-        print(f"[quality] {'met   ' if target['met'] else 'MISSED'} {target['target']} [{target['row']}]: {target['value']:.4f} vs "
-              f"{target['bar']:.4f}")
+        print(
+            f"[quality] {'met   ' if target['met'] else 'MISSED'} {target['target']} [{target['row']}]: {target['value']:.4f} vs "
+            f"{target['bar']:.4f}"
+        )
     return 0
 
 

@@ -39,10 +39,20 @@ SCHEDULE = "pretrain:5,finetune:5"
 
 
 def base_config(args, out: Path, name: str, fraction: float) -> dict:
-    return {"data-dir": str(Path(args.data_dir).resolve()), "cache-dir": str(Path(args.cache_dir).resolve()),
-            **ml100k_features(args.shared, absolute=True), "stage-schedule": SCHEDULE, "fraction-train": fraction, "eval-users": 10, "eval-every": 1000,
-            "final-test": False, "output-dir": str(out), "run-name": name, "min-available-nodes": 1,
-            **parse_overrides(args.set)}
+    return {
+        "data-dir": str(Path(args.data_dir).resolve()),
+        "cache-dir": str(Path(args.cache_dir).resolve()),
+        **ml100k_features(args.shared, absolute=True),
+        "stage-schedule": SCHEDULE,
+        "fraction-train": fraction,
+        "eval-users": 10,
+        "eval-every": 1000,
+        "final-test": False,
+        "output-dir": str(out),
+        "run-name": name,
+        "min-available-nodes": 1,
+        **parse_overrides(args.set),
+    }
 
 
 def per_stage(history: list[dict], cores: int) -> dict:
@@ -52,11 +62,18 @@ def per_stage(history: list[dict], cores: int) -> dict:
         if not rounds:
             continue
         seconds = float(np.mean([r["seconds"] for r in rounds]))
-        client = float(np.mean([r.get("client_seconds", r.get("train", {}).get("total-client-train-seconds", 0.0))
-                                for r in rounds]))
-        out[stage] = {"rounds": [r["round"] for r in rounds], "round_s": round(seconds, 3),
-                      "client_compute_s": round(client / cores, 3), "rest_s": round(seconds - client / cores, 3),
-                      "summed_client_train_s": round(client, 3)}
+        client = float(
+            np.mean(
+                [r.get("client_seconds", r.get("train", {}).get("total-client-train-seconds", 0.0)) for r in rounds]
+            )
+        )
+        out[stage] = {
+            "rounds": [r["round"] for r in rounds],
+            "round_s": round(seconds, 3),
+            "client_compute_s": round(client / cores, 3),
+            "rest_s": round(seconds - client / cores, 3),
+            "summed_client_train_s": round(client, 3),
+        }
     return out
 
 
@@ -73,11 +90,27 @@ def model_floats(config: dict) -> int:
 def floor(args, config: dict, out: Path) -> dict:
     """The in-process loop (one process) over the same config."""
     result = out / f"{config['run-name']}-floor.json"
-    overrides = " ".join(f"{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}"
-                         for k, v in config.items() if k not in ("output-dir", "run-name", "final-test"))
+    overrides = " ".join(
+        f"{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}"
+        for k, v in config.items()
+        if k not in ("output-dir", "run-name", "final-test")
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
-    subprocess.run([sys.executable, "benchmarks/inprocess_federation.py", "--threads", "1", "--run-config", overrides,
-                    "--out", str(result)], check=True, env=env, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/inprocess_federation.py",
+            "--threads",
+            "1",
+            "--run-config",
+            overrides,
+            "--out",
+            str(result),
+        ],
+        check=True,
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
     return json.loads(result.read_text())
 
 
@@ -88,8 +121,13 @@ def main() -> int:
     parser.add_argument("--cache-dir", default="data/cache")
     parser.add_argument("--clients", default="10,50,100,300")
     parser.add_argument("--users", type=int, default=943, help="users in the dataset (ML-100K: 943)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra run-config value (TOML), e.g. --set top-users=6 (smoke tests)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra run-config value (TOML), e.g. --set top-users=6 (smoke tests)",
+    )
     parser.add_argument("--out", default="benchmarks/results/round_time_ml100k.json")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
@@ -103,11 +141,16 @@ def main() -> int:
             first_round = sim["history"][0]["seconds"]
             flo = floor(args, config, out)
             noop = run_noop_simulation(args.users, clients, model_floats(config), log=out / f"noop-{clients}.log")
-            row = {"clients_per_round": clients, "simulation": per_stage(sim["history"], cores),
-                   "simulation_first_round_s": first_round, "simulation_total_s": sim["seconds"],
-                   "floor": per_stage(flo["history"], 1), "memory_by_kind": sim["memory_by_kind"],
-                   # Flower alone: a no-op ClientApp echoing the model-sized array (rounds after the first)
-                   "noop_simulation_round_s": round(float(np.mean(noop[1:])), 3)}
+            row = {
+                "clients_per_round": clients,
+                "simulation": per_stage(sim["history"], cores),
+                "simulation_first_round_s": first_round,
+                "simulation_total_s": sim["seconds"],
+                "floor": per_stage(flo["history"], 1),
+                "memory_by_kind": sim["memory_by_kind"],
+                # Flower alone: a no-op ClientApp echoing the model-sized array (rounds after the first)
+                "noop_simulation_round_s": round(float(np.mean(noop[1:])), 3),
+            }
             for stage, fl in row["floor"].items():
                 if stage in row["simulation"]:
                     sim_stage = row["simulation"][stage]
@@ -117,22 +160,48 @@ def main() -> int:
                     sim_stage["floor_on_all_cores_s"] = round(ideal, 3)
                     sim_stage["ratio_to_floor_on_all_cores"] = round(sim_stage["round_s"] / ideal, 2)
             rows.append(row)
-            print(f"[round-time] {clients} clients: no-op Flower {row['noop_simulation_round_s']:.2f}s/round; " + ", ".join(
-                f"{s} {v['round_s']:.2f}s/round (floor {v.get('floor_s', float('nan')):.2f}s, "
-                f"x{v.get('ratio_to_floor', float('nan'))})" for s, v in row["simulation"].items())
-                + f" [{time.time() - tick:.0f}s]", file=sys.stderr, flush=True)
+            print(
+                f"[round-time] {clients} clients: no-op Flower {row['noop_simulation_round_s']:.2f}s/round; "
+                + ", ".join(
+                    f"{s} {v['round_s']:.2f}s/round (floor {v.get('floor_s', float('nan')):.2f}s, "
+                    f"x{v.get('ratio_to_floor', float('nan'))})"
+                    for s, v in row["simulation"].items()
+                )
+                + f" [{time.time() - tick:.0f}s]",
+                file=sys.stderr,
+                flush=True,
+            )
     hundred = next((r for r in rows if r["clients_per_round"] == 100), None)
     targets = []
     if hundred:
         for stage, v in hundred["simulation"].items():
-            targets.append({"target": f"100 sampled users: round ≤ 3 s after start-up ({stage})",
-                            "value": v["round_s"], "bar": 3.0, "met": v["round_s"] <= 3.0})
+            targets.append(
+                {
+                    "target": f"100 sampled users: round ≤ 3 s after start-up ({stage})",
+                    "value": v["round_s"],
+                    "bar": 3.0,
+                    "met": v["round_s"] <= 3.0,
+                }
+            )
             if "ratio_to_floor" in v:
-                targets.append({"target": f"100 sampled users: simulation ≤ 1.5× the in-process floor ({stage}; "
-                                          f"× {v['ratio_to_floor_on_all_cores']} of the floor spread over {cores} cores)",
-                                "value": v["ratio_to_floor"], "bar": 1.5, "met": v["ratio_to_floor"] <= 1.5})
-    payload = {"command": "python " + command_line(), "machine": machine_description(), "cores": cores,
-               "schedule": SCHEDULE, "users": args.users, "rows": rows, "targets": targets}
+                targets.append(
+                    {
+                        "target": f"100 sampled users: simulation ≤ 1.5× the in-process floor ({stage}; "
+                        f"× {v['ratio_to_floor_on_all_cores']} of the floor spread over {cores} cores)",
+                        "value": v["ratio_to_floor"],
+                        "bar": 1.5,
+                        "met": v["ratio_to_floor"] <= 1.5,
+                    }
+                )
+    payload = {
+        "command": "python " + command_line(),
+        "machine": machine_description(),
+        "cores": cores,
+        "schedule": SCHEDULE,
+        "users": args.users,
+        "rows": rows,
+        "targets": targets,
+    }
     atomic_write_json(Path(args.out), payload)
     return 0
 

@@ -101,8 +101,16 @@ def by_kind(processes: list[dict]) -> dict[str, dict]:
 
 def _flwr_run(app: Path, home: Path, nodes: int, run_config: dict, timeout: float, log: Path | None) -> dict:
     federation = f"num-supernodes={nodes} client-resources-num-cpus=1"
-    command = [str(BIN / "flwr"), "run", ".", "--stream", "--federation-config", federation,
-               "--run-config", run_config_arg(run_config)]
+    command = [
+        str(BIN / "flwr"),
+        "run",
+        ".",
+        "--stream",
+        "--federation-config",
+        federation,
+        "--run-config",
+        run_config_arg(run_config),
+    ]
     started = time.time()
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     proc = subprocess.Popen(command, cwd=app, env=flwr_env(home), stdout=out, stderr=subprocess.STDOUT)
@@ -115,8 +123,13 @@ def _flwr_run(app: Path, home: Path, nodes: int, run_config: dict, timeout: floa
         kill_matching(str(home))
         if log:
             out.close()
-    return {"exit_code": code, "seconds": round(time.time() - started, 1), "federation_config": federation,
-            "processes": processes, "memory_by_kind": by_kind(processes)}
+    return {
+        "exit_code": code,
+        "seconds": round(time.time() - started, 1),
+        "federation_config": federation,
+        "processes": processes,
+        "memory_by_kind": by_kind(processes),
+    }
 
 
 def run_simulation(run_config: dict, nodes: int, *, timeout: float = 1800, log: Path | None = None) -> dict:
@@ -132,17 +145,30 @@ def run_simulation(run_config: dict, nodes: int, *, timeout: float = 1800, log: 
     return {**result, "history": json.loads((run / "history.json").read_text())["rounds"]}
 
 
-def run_noop_simulation(nodes: int, sample: int, floats: int, rounds: int = 5, *, timeout: float = 900,
-                        log: Path | None = None) -> list[float]:
+def run_noop_simulation(
+    nodes: int, sample: int, floats: int, rounds: int = 5, *, timeout: float = 900, log: Path | None = None
+) -> list[float]:
     """Seconds per round of Flower's no-op app (benchmarks/noop_app) sending ``floats`` float32 as one
     array to ``sample`` of ``nodes`` nodes and back: Flower's own floor for a round of that size."""
     with tempfile.TemporaryDirectory(prefix="noop-sim-") as tmp:
         app = Path(tmp) / "app"
         shutil.copytree(NOOP_APP, app, ignore=shutil.ignore_patterns("__pycache__"))
         output = Path(tmp) / "noop.json"
-        result = _flwr_run(app, Path(tmp) / "home", nodes, {
-            "rounds": rounds, "min-nodes": nodes, "output": str(output), "payload-arrays": 1 if floats else 0,
-            "payload-floats": floats, "sample": sample}, timeout, log)
+        result = _flwr_run(
+            app,
+            Path(tmp) / "home",
+            nodes,
+            {
+                "rounds": rounds,
+                "min-nodes": nodes,
+                "output": str(output),
+                "payload-arrays": 1 if floats else 0,
+                "payload-floats": floats,
+                "sample": sample,
+            },
+            timeout,
+            log,
+        )
         if result["exit_code"] != 0 or not output.is_file():
             raise RuntimeError(f"no-op flwr run failed (exit {result['exit_code']}); see {log or 'its output'}")
         return json.loads(output.read_text())["round_seconds"]
@@ -200,7 +226,26 @@ class DriverProfile(threading.Thread):
             self.summary = {"error": "no flwr-simulation process"}
             return
         pid = max(pids, key=lambda p: _status_kb(p, "VmRSS") or 0)
-        subprocess.run([spy, "record", "-p", str(pid), "-d", str(int(self.seconds)), "-r", "50", "-f", "raw",
-                        "-o", str(self.out), "--nonblocking"], capture_output=True, timeout=self.seconds + 60)
+        subprocess.run(
+            [
+                spy,
+                "record",
+                "-p",
+                str(pid),
+                "-d",
+                str(int(self.seconds)),
+                "-r",
+                "50",
+                "-f",
+                "raw",
+                "-o",
+                str(self.out),
+                "--nonblocking",
+            ],
+            capture_output=True,
+            timeout=self.seconds + 60,
+        )
         self.summary = summarise_py_spy(self.out) if self.out.is_file() else {"error": "py-spy wrote nothing"}
-        self.summary["command"] = f"py-spy record -p <flwr-simulation pid> -d {int(self.seconds)} -r 50 -f raw --nonblocking"
+        self.summary["command"] = (
+            f"py-spy record -p <flwr-simulation pid> -d {int(self.seconds)} -r 50 -f raw --nonblocking"
+        )

@@ -32,8 +32,9 @@ from feddmmr_flower.train import central_prototypes, command_line, machine_descr
 
 
 def config(args, variant: str) -> ExperimentConfig:
-    return ExperimentConfig.from_flat({"data-dir": args.data_dir, "cache-dir": args.cache_dir, "variant": variant,
-                                       **ml100k_features(args.shared)})
+    return ExperimentConfig.from_flat(
+        {"data-dir": args.data_dir, "cache-dir": args.cache_dir, "variant": variant, **ml100k_features(args.shared)}
+    )
 
 
 def central(cfg: ExperimentConfig, stage: str, batches: int, repeats: int) -> dict:
@@ -54,8 +55,12 @@ def central(cfg: ExperimentConfig, stage: str, batches: int, repeats: int) -> di
         tick = time.perf_counter()
         train_epoch(model, data, chunk, chunk, optimizer, tcfg, stage, memory, prototypes, generator)
         rates.append(len(chunk) / (time.perf_counter() - tick))
-    return {"stage": stage, "batch_size": tcfg.batch_size, "sequences_per_s": round(statistics.median(rates), 1),
-            "runs": [round(r, 1) for r in rates]}
+    return {
+        "stage": stage,
+        "batch_size": tcfg.batch_size,
+        "sequences_per_s": round(statistics.median(rates), 1),
+        "runs": [round(r, 1) for r in rates],
+    }
 
 
 def per_client(cfg: ExperimentConfig, stage: str, clients: int) -> dict:
@@ -66,8 +71,11 @@ def per_client(cfg: ExperimentConfig, stage: str, clients: int) -> dict:
         outcome = runtime.train(user, arrays, None, memory, stage=stage, lr=0.05, local_epochs=1, server_round=1)
         if user >= 2:  # warm-up
             times.append(outcome.metrics["client-train-seconds"])
-    return {"stage": stage, "sequences_per_s": round(1.0 / statistics.median(times), 1),
-            "median_ms": round(1000 * statistics.median(times), 1)}
+    return {
+        "stage": stage,
+        "sequences_per_s": round(1.0 / statistics.median(times), 1),
+        "median_ms": round(1000 * statistics.median(times), 1),
+    }
 
 
 def main() -> int:
@@ -82,16 +90,23 @@ def main() -> int:
     args = parser.parse_args()
     sasrec, full = config(args, "sasrec"), config(args, "full")
     result = {
-        "command": "python " + command_line(), "machine": machine_description(),
-        "central": {"sasrec": central(sasrec, "pretrain", args.batches, args.repeats),
-                    "full": central(full, "finetune", args.batches, args.repeats)},
-        "per_client": {"sasrec": per_client(sasrec, "pretrain", args.clients),
-                       "full": per_client(full, "finetune", args.clients)},
+        "command": "python " + command_line(),
+        "machine": machine_description(),
+        "central": {
+            "sasrec": central(sasrec, "pretrain", args.batches, args.repeats),
+            "full": central(full, "finetune", args.batches, args.repeats),
+        },
+        "per_client": {
+            "sasrec": per_client(sasrec, "pretrain", args.clients),
+            "full": per_client(full, "finetune", args.clients),
+        },
     }
     c = result["central"]
     result["central_ratio_sasrec_over_full"] = round(c["sasrec"]["sequences_per_s"] / c["full"]["sequences_per_s"], 2)
     p = result["per_client"]
-    result["per_client_ratio_sasrec_over_full"] = round(p["sasrec"]["sequences_per_s"] / p["full"]["sequences_per_s"], 2)
+    result["per_client_ratio_sasrec_over_full"] = round(
+        p["sasrec"]["sequences_per_s"] / p["full"]["sequences_per_s"], 2
+    )
     atomic_write_json(Path(args.out), result)
     print(result, file=sys.stderr)
     return 0

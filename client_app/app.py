@@ -66,21 +66,28 @@ def train(msg: Message, context: Context) -> Message:
     cfg, runtime, user, arrays, prototypes, memory, disk = _inputs(msg, context)
     config = msg.content.config_records["config"]
     outcome = runtime.train(
-        user, arrays, prototypes, memory,
-        stage=str(config["stage"]), lr=float(config.get("lr", cfg.client_lr)),
+        user,
+        arrays,
+        prototypes,
+        memory,
+        stage=str(config["stage"]),
+        lr=float(config.get("lr", cfg.client_lr)),
         local_epochs=int(config.get("local-epochs", cfg.local_epochs)),
-        server_round=int(config.get("server-round", 0)), proximal_mu=float(config.get("proximal-mu", 0.0)),
+        server_round=int(config.get("server-round", 0)),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
     _keep_memory(context, disk, outcome.memory)
     arrays_out = outcome.arrays
     if user == cfg.fault_nan_partition:  # fault injection for tests: the server must reject this
         arrays_out = {name: np.full_like(value, np.nan) for name, value in arrays_out.items()}
     metrics = MetricRecord({**outcome.metrics, "num-examples": outcome.num_examples, "partition-id": user})
-    content = RecordDict({
-        **arrays_record(arrays_out, packed=LAYOUT in msg.content.config_records),
-        "prototypes": to_record({"centroids": outcome.centroids, "sizes": outcome.sizes}),
-        "metrics": metrics,
-    })
+    content = RecordDict(
+        {
+            **arrays_record(arrays_out, packed=LAYOUT in msg.content.config_records),
+            "prototypes": to_record({"centroids": outcome.centroids, "sizes": outcome.sizes}),
+            "metrics": metrics,
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 

@@ -52,6 +52,7 @@ def single_record(inner: Mod) -> Mod:
     to the trained tensors (noise a mod put on frozen tensors is dropped with them) and the
     prototypes are put back.
     """
+
     def mod(msg: Message, ctx: Context, call_next: Next) -> Message:
         full = msg.content.array_records["arrays"]
         view = copy.copy(msg)
@@ -64,14 +65,17 @@ def single_record(inner: Mod) -> Mod:
                 return reply
             if _zero_update(msg, reply):
                 arrays = reply.content.array_records["arrays"]  # perturbed by 1 ulp so it can be clipped
-                reply.content["arrays"] = ArrayRecord({n: Array(np.nextafter(a.numpy(), np.inf)) for n, a in arrays.items()})
+                reply.content["arrays"] = ArrayRecord(
+                    {n: Array(np.nextafter(a.numpy(), np.inf)) for n, a in arrays.items()}
+                )
             sent = reply.content.array_records["arrays"]
             kept["names"] = list(sent.keys())
             kept["others"] = {k: v for k, v in reply.content.items() if k != "arrays"}
             expanded = ArrayRecord({n: sent[n] if n in sent else full[n] for n in full.keys()})
             out = copy.copy(reply)
-            out.content = RecordDict({"arrays": expanded, **{k: v for k, v in kept["others"].items()
-                                                            if not isinstance(v, ArrayRecord)}})
+            out.content = RecordDict(
+                {"arrays": expanded, **{k: v for k, v in kept["others"].items() if not isinstance(v, ArrayRecord)}}
+            )
             return out
 
         out = inner(view, ctx, next_)
@@ -82,6 +86,7 @@ def single_record(inner: Mod) -> Mod:
         result = copy.copy(out)
         result.content = content
         return result
+
     return mod
 
 
@@ -108,14 +113,16 @@ def legacy_reply(msg: Message, reply: Message) -> Message:
     if protos is not None and "centroids" in protos:
         extras["centroids"] = ndarray_to_bytes(protos["centroids"].numpy())
         extras["sizes"] = ndarray_to_bytes(protos["sizes"].numpy())
-    content = RecordDict({
-        "fitres.parameters": ArrayRecord({n: Array(u) for n, u in updates.items()}),
-        "fitres.num_examples": MetricRecord({"num_examples": int(metrics["num-examples"])}),
-        "fitres.metrics": ConfigRecord({}),
-        "fitres.status": ConfigRecord({"code": 0, "message": "Success"}),
-        "metrics": metrics,
-        SECAGG_EXTRAS: ConfigRecord(extras),
-    })
+    content = RecordDict(
+        {
+            "fitres.parameters": ArrayRecord({n: Array(u) for n, u in updates.items()}),
+            "fitres.num_examples": MetricRecord({"num_examples": int(metrics["num-examples"])}),
+            "fitres.metrics": ConfigRecord({}),
+            "fitres.status": ConfigRecord({"code": 0, "message": "Success"}),
+            "metrics": metrics,
+            SECAGG_EXTRAS: ConfigRecord(extras),
+        }
+    )
     return Message(content, reply_to=msg)
 
 

@@ -39,7 +39,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 # Always in the server certificate: the compose service name and the loopback addresses.
 DEFAULT_SANS = ("superlink", "localhost", "127.0.0.1", "::1")
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
 
 
 class CertError(ValueError):
@@ -102,12 +104,14 @@ def _write(path: Path, data: bytes, private: bool) -> Path:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
-def make_ca_and_server_cert(out_dir: str | Path, hosts: list[str], days: int = 365, *,
-                            include_defaults: bool = True, overwrite: bool = False) -> ServerCerts:
+def make_ca_and_server_cert(
+    out_dir: str | Path, hosts: list[str], days: int = 365, *, include_defaults: bool = True, overwrite: bool = False
+) -> ServerCerts:
     """A self-signed CA (``ca.crt``/``ca.key``) and a SuperLink certificate it signs
     (``server.pem``/``server.key``) whose SANs are ``hosts`` plus superlink/localhost/127.0.0.1/::1.
 
@@ -120,24 +124,43 @@ def make_ca_and_server_cert(out_dir: str | Path, hosts: list[str], days: int = 3
     paths = ServerCerts(out / "ca.crt", out / "ca.key", out / "server.pem", out / "server.key")
     existing = [p.name for p in (paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key) if p.exists()]
     if existing and not overwrite:
-        raise CertError(f"{out} already holds {', '.join(existing)}; pass --force (overwrite=True) to replace "
-                        "them (then every node needs the new ca.crt)")
+        raise CertError(
+            f"{out} already holds {', '.join(existing)}; pass --force (overwrite=True) to replace "
+            "them (then every node needs the new ca.crt)"
+        )
 
-    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FedDMMR"),
-                         x509.NameAttribute(NameOID.COMMON_NAME, "FedDMMR deployment CA")])
+    ca_name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FedDMMR"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "FedDMMR deployment CA"),
+        ]
+    )
     ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
     ca_cert = (
         x509.CertificateBuilder()
-        .subject_name(ca_name).issuer_name(ca_name)
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(ca_ski, critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
         .sign(ca_key, hashes.SHA384())
@@ -147,16 +170,34 @@ def make_ca_and_server_cert(out_dir: str | Path, hosts: list[str], days: int = 3
     first = sans[0].value
     server_cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FedDMMR"),
-                                 x509.NameAttribute(NameOID.COMMON_NAME, str(first))]))
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FedDMMR"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, str(first)),
+                ]
+            )
+        )
         .issuer_name(ca_name)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now).not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=True, key_cert_sign=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False)
@@ -171,8 +212,9 @@ def make_ca_and_server_cert(out_dir: str | Path, hosts: list[str], days: int = 3
     return paths
 
 
-def make_node_key(private_path: str | Path, public_path: str | Path | None = None,
-                  comment: str = "") -> tuple[Path, Path]:
+def make_node_key(
+    private_path: str | Path, public_path: str | Path | None = None, comment: str = ""
+) -> tuple[Path, Path]:
     """One SuperNode key pair (EC P-384, OpenSSH format); an existing pair is kept, not replaced,
     because its public key may already be registered on the SuperLink."""
     private = Path(private_path)
@@ -183,11 +225,18 @@ def make_node_key(private_path: str | Path, public_path: str | Path | None = Non
             raise CertError(f"{private} is not an EC private key (Flower needs a NIST EC curve)")
         return private, public
     if private.exists() != public.exists():
-        raise CertError(f"only one of {private.name}/{public.name} exists in {private.parent}; delete it to "
-                        "generate a new pair (and register the new public key)")
+        raise CertError(
+            f"only one of {private.name}/{public.name} exists in {private.parent}; delete it to "
+            "generate a new pair (and register the new public key)"
+        )
     key = ec.generate_private_key(ec.SECP384R1())
-    _write(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                      serialization.NoEncryption()), private=True)
+    _write(
+        private,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+        private=True,
+    )
     line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     _write(public, line + (f" {comment}".encode() if comment else b"") + b"\n", private=False)
     return private, public
@@ -198,8 +247,7 @@ def make_node_keys(out_dir: str | Path, n: int) -> list[tuple[Path, Path]]:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise CertError(f"number of nodes must be a positive integer, got {n!r}")
     out = Path(out_dir)
-    return [make_node_key(out / f"node-{i}.key", out / f"node-{i}.pub", comment=f"feddmmr-node-{i}")
-            for i in range(n)]
+    return [make_node_key(out / f"node-{i}.key", out / f"node-{i}.pub", comment=f"feddmmr-node-{i}") for i in range(n)]
 
 
 def make_superexec_secret(path: str | Path) -> Path:
@@ -222,8 +270,9 @@ class Deployment:
     nodes: list[Path]  # nodes/node-<i>/: ca.crt, node.key, node.pub, superexec.secret: node host i
 
 
-def make_deployment(out_dir: str | Path, hosts: list[str], nodes: int, days: int = 365,
-                    overwrite: bool = False) -> Deployment:
+def make_deployment(
+    out_dir: str | Path, hosts: list[str], nodes: int, days: int = 365, overwrite: bool = False
+) -> Deployment:
     """The layout docker-compose.yml mounts: ``ca/``, ``superlink/`` and ``nodes/node-<i>/``.
 
     Re-running with more nodes adds the missing node folders and keeps the CA and existing keys.
@@ -247,8 +296,10 @@ def make_deployment(out_dir: str | Path, hosts: list[str], nodes: int, days: int
         wanted = subject_alt_names([hosts] if isinstance(hosts, str) else list(hosts))
         missing = [str(n.value) for n in wanted if n not in have]
         if missing:
-            raise CertError(f"existing server certificate in {link_dir} lacks {', '.join(missing)}; "
-                            "pass --force to make a new CA and certificate")
+            raise CertError(
+                f"existing server certificate in {link_dir} lacks {', '.join(missing)}; "
+                "pass --force to make a new CA and certificate"
+            )
     make_superexec_secret(link_dir / "superexec.secret")
     node_dirs = []
     for i in range(nodes):
@@ -261,11 +312,19 @@ def make_deployment(out_dir: str | Path, hosts: list[str], nodes: int, days: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.certs", description=(
-        "Make the CA, the SuperLink TLS certificate, SuperNode auth keys and SuperExec secrets "
-        "in the layout docker-compose.yml mounts."))
-    parser.add_argument("--host", action="append", required=True,
-                        help="name or IP the SuperNodes use to reach the SuperLink (repeatable)")
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.certs",
+        description=(
+            "Make the CA, the SuperLink TLS certificate, SuperNode auth keys and SuperExec secrets "
+            "in the layout docker-compose.yml mounts."
+        ),
+    )
+    parser.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        help="name or IP the SuperNodes use to reach the SuperLink (repeatable)",
+    )
     parser.add_argument("--nodes", type=int, required=True, help="number of SuperNodes (partition ids 0..N-1)")
     parser.add_argument("--out", default="deploy/certs", help="output folder (git-ignored; default deploy/certs)")
     parser.add_argument("--days", type=int, default=365, help="certificate validity in days")
@@ -279,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CA (keep ca.key off the servers): {made.ca}")
     print(f"SuperLink host files:            {made.superlink}")
     for i, node in enumerate(made.nodes):
-        print(f"node {i} host files:              {node}   register: flwr supernode register {node}/node.pub <connection>")
+        print(
+            f"node {i} host files:              {node}   register: flwr supernode register {node}/node.pub <connection>"
+        )
     return 0
 
 

@@ -48,8 +48,9 @@ class ComposeError(ValueError):
 
 def node_config(partition: int, nodes: int, gpu: bool = False) -> str:
     """The SuperNode's ``--node-config``: its user, and node-local paths the ClientApp reads."""
-    text = (f"partition-id={partition} num-partitions={nodes} data-dir='/data' cache-dir='/data/cache' "
-            f"state-dir='/state'")
+    text = (
+        f"partition-id={partition} num-partitions={nodes} data-dir='/data' cache-dir='/data/cache' state-dir='/state'"
+    )
     return text + (" device='cuda'" if gpu else "")
 
 
@@ -66,21 +67,35 @@ def _superexec_image(gpu: bool) -> str:
 
 def _supernode_command(i: int, nodes: int, host: str, port: int, gpu: bool) -> list[str]:
     return [
-        "--superlink", f"${{SUPERLINK_ADDRESS:-{host}:{port}}}",
-        "--root-certificates", "/certs/ca.crt",
-        "--auth-supernode-private-key", "/certs/node.key",
-        "--superexec-auth-secret-file", "/certs/superexec.secret",
-        "--isolation", "process",
-        "--host", "0.0.0.0",
-        "--port", str(NODE_RUNTIME_PORT),
-        "--node-config", node_config(i, nodes, gpu),
+        "--superlink",
+        f"${{SUPERLINK_ADDRESS:-{host}:{port}}}",
+        "--root-certificates",
+        "/certs/ca.crt",
+        "--auth-supernode-private-key",
+        "/certs/node.key",
+        "--superexec-auth-secret-file",
+        "/certs/superexec.secret",
+        "--isolation",
+        "process",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(NODE_RUNTIME_PORT),
+        "--node-config",
+        node_config(i, nodes, gpu),
     ]
 
 
 def _gpu_reservation() -> dict[str, Any]:
-    return {"resources": {"reservations": {"devices": [
-        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]},
-    ]}}}
+    return {
+        "resources": {
+            "reservations": {
+                "devices": [
+                    {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]},
+                ]
+            }
+        }
+    }
 
 
 def _check(nodes: int, host: str, port: int) -> str:
@@ -97,8 +112,9 @@ def _check(nodes: int, host: str, port: int) -> str:
     return str(host).strip()
 
 
-def base_compose(nodes: int, host: str, port: int = DEFAULT_PORT, gpu: bool = False,
-                 flwr_version: str = FLWR_VERSION) -> dict[str, Any]:
+def base_compose(
+    nodes: int, host: str, port: int = DEFAULT_PORT, gpu: bool = False, flwr_version: str = FLWR_VERSION
+) -> dict[str, Any]:
     """The full compose document (``gpu``: with the GPU settings of the override built in)."""
     host = _check(nodes, host, port)
     certs = "${FEDDMMR_CERTS_DIR:-./deploy/certs}"
@@ -106,15 +122,23 @@ def base_compose(nodes: int, host: str, port: int = DEFAULT_PORT, gpu: bool = Fa
         "superlink": {
             "image": f"flwr/superlink:{flwr_version}",
             "command": [
-                "--isolation", "process",
-                "--host", "0.0.0.0",
-                "--port", str(DEFAULT_PORT),
-                "--database", "state.db",
-                "--ssl-ca-certfile", "/certs/ca.crt",
-                "--ssl-certfile", "/certs/server.pem",
-                "--ssl-keyfile", "/certs/server.key",
+                "--isolation",
+                "process",
+                "--host",
+                "0.0.0.0",
+                "--port",
+                str(DEFAULT_PORT),
+                "--database",
+                "state.db",
+                "--ssl-ca-certfile",
+                "/certs/ca.crt",
+                "--ssl-certfile",
+                "/certs/server.pem",
+                "--ssl-keyfile",
+                "/certs/server.key",
                 "--enable-supernode-auth",
-                "--superexec-auth-secret-file", "/certs/superexec.secret",
+                "--superexec-auth-secret-file",
+                "/certs/superexec.secret",
                 "--disable-runtime-dependency-installation",
             ],
             "ports": [f"${{SUPERLINK_PORT:-{port}}}:{DEFAULT_PORT}"],
@@ -132,9 +156,12 @@ def base_compose(nodes: int, host: str, port: int = DEFAULT_PORT, gpu: bool = Fa
             "build": _superexec_build(False),
             "image": _superexec_image(False),
             "command": [
-                "--runtime-api-address", f"superlink:{DEFAULT_PORT}",
-                "--root-certificates", "/certs/ca.crt",
-                "--superexec-auth-secret-file", "/certs/superexec.secret",
+                "--runtime-api-address",
+                f"superlink:{DEFAULT_PORT}",
+                "--root-certificates",
+                "/certs/ca.crt",
+                "--superexec-auth-secret-file",
+                "/certs/superexec.secret",
             ],
             # Relative run-config paths (data-dir, cache-dir, output-dir) resolve against FEDDMMR_HOME.
             "environment": {"FEDDMMR_HOME": "/feddmmr"},
@@ -166,9 +193,11 @@ def base_compose(nodes: int, host: str, port: int = DEFAULT_PORT, gpu: bool = Fa
             "image": _superexec_image(gpu),
             "command": [
                 # Same-host network only; the shared secret keeps other nodes' SuperExecs out.
-                "--runtime-api-address", f"supernode-{i}:{NODE_RUNTIME_PORT}",
+                "--runtime-api-address",
+                f"supernode-{i}:{NODE_RUNTIME_PORT}",
                 "--insecure",
-                "--superexec-auth-secret-file", "/certs/superexec.secret",
+                "--superexec-auth-secret-file",
+                "/certs/superexec.secret",
             ],
             "environment": {"FEDDMMR_HOME": "/data"},
             "volumes": [
@@ -226,8 +255,10 @@ def render(doc: dict[str, Any], header: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.compose", description=(
-        "Write a docker compose file for a SuperLink and N SuperNodes (TLS and SuperNode auth on)."))
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.compose",
+        description=("Write a docker compose file for a SuperLink and N SuperNodes (TLS and SuperNode auth on)."),
+    )
     parser.add_argument("--nodes", type=int, default=None, help=f"number of SuperNodes (e.g. {DEFAULT_NODES})")
     parser.add_argument("--host", default=None, help="name or IP address SuperNodes use to reach the SuperLink")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="SuperLink port published on its host")

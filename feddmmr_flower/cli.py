@@ -28,13 +28,18 @@ def add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | No
         if spec.type in (bool, "bool"):
             parser.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None)
         else:
-            caster = {"int": int, "float": float}.get(spec.type if isinstance(spec.type, str) else spec.type.__name__, str)
+            caster = {"int": int, "float": float}.get(
+                spec.type if isinstance(spec.type, str) else spec.type.__name__, str
+            )
             parser.add_argument(flag, dest=spec.name, type=caster, default=None, help=f"default: {spec.default!r}")
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    given = {kebab(f.name): getattr(args, f.name) for f in fields(ExperimentConfig)
-             if getattr(args, f.name, None) is not None}
+    given = {
+        kebab(f.name): getattr(args, f.name)
+        for f in fields(ExperimentConfig)
+        if getattr(args, f.name, None) is not None
+    }
     if "dataset" in given and "data-dir" not in given:
         given["data-dir"] = f"data/{given['dataset']}"
     return ExperimentConfig.from_flat(given, strict=True)
@@ -80,24 +85,52 @@ def cmd_train_central(args: argparse.Namespace) -> dict:
     if cfg.init_from:
         load_weights(model, cfg.init_from)
     memory = LocalDynamicMemory(assets.data.num_users, memory_config(cfg)) if cfg.variant != "sasrec" else None
-    out = Path(args.out) if args.out else Path(cfg.output_dir) / (cfg.run_name or f"central-{cfg.dataset}-{cfg.variant}")
-    result = train_central(model, assets.data, train_config(cfg), StageSchedule.parse(cfg.stage_schedule), memory,
-                           prototype_config(cfg), out_dir=out, device=cfg.device,
-                           extra_config={"experiment": cfg.flat(), "data": assets.data.stats(),
-                                         "features": _feature_labels(assets.features)})
+    out = (
+        Path(args.out) if args.out else Path(cfg.output_dir) / (cfg.run_name or f"central-{cfg.dataset}-{cfg.variant}")
+    )
+    result = train_central(
+        model,
+        assets.data,
+        train_config(cfg),
+        StageSchedule.parse(cfg.stage_schedule),
+        memory,
+        prototype_config(cfg),
+        out_dir=out,
+        device=cfg.device,
+        extra_config={
+            "experiment": cfg.flat(),
+            "data": assets.data.stats(),
+            "features": _feature_labels(assets.features),
+        },
+    )
     payload = result_payload(result)
     if args.results_json:
         from .data.sequences import atomic_write_json
 
         Path(args.results_json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(args.results_json), payload)
-    return {"out": str(out), "best_epoch": payload["best_epoch"], "best_stage": payload["best_stage"],
-            "test": payload["test"], "wall_time_s": payload["wall_time_s"],
-            "train_sequences_per_s": payload["train_sequences_per_s"]}
+    return {
+        "out": str(out),
+        "best_epoch": payload["best_epoch"],
+        "best_stage": payload["best_stage"],
+        "test": payload["test"],
+        "wall_time_s": payload["wall_time_s"],
+        "train_sequences_per_s": payload["train_sequences_per_s"],
+    }
 
 
-RUN_OVERRIDES = ("data_dir", "cache_dir", "items_file", "download_url", "descriptions", "text_model", "posters_dir",
-                 "movies_dat", "clip_pretrained", "device")
+RUN_OVERRIDES = (
+    "data_dir",
+    "cache_dir",
+    "items_file",
+    "download_url",
+    "descriptions",
+    "text_model",
+    "posters_dir",
+    "movies_dat",
+    "clip_pretrained",
+    "device",
+)
 
 
 def cmd_recommend(args: argparse.Namespace) -> dict | str:
@@ -129,8 +162,10 @@ def cmd_report(args: argparse.Namespace) -> dict | str:
 
 def _feature_labels(tables: dict) -> dict:
     """What the feature tables are, for results files (random-init CLIP must be visible there)."""
-    return {kind: {"model": t.meta.get("model"), "pretrained": t.meta.get("pretrained"),
-                   "coverage": round(t.coverage, 4)} for kind, t in tables.items()}
+    return {
+        kind: {"model": t.meta.get("model"), "pretrained": t.meta.get("pretrained"), "coverage": round(t.coverage, 4)}
+        for kind, t in tables.items()
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,9 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=cmd_prepare)
 
     features = sub.add_parser("features", help="compute (or load from cache) item text/visual feature tables")
-    add_config_flags(features, DATA_FLAGS + ("text_features", "descriptions", "text_model", "visual_features",
-                                             "posters_dir", "movies_dat", "clip_model", "clip_pretrained",
-                                             "device"))
+    add_config_flags(
+        features,
+        DATA_FLAGS
+        + (
+            "text_features",
+            "descriptions",
+            "text_model",
+            "visual_features",
+            "posters_dir",
+            "movies_dat",
+            "clip_model",
+            "clip_pretrained",
+            "device",
+        ),
+    )
     features.set_defaults(func=cmd_features)
 
     central = sub.add_parser("train-central", help="train SASRec/FedDMMR centrally through a stage schedule")
@@ -156,17 +203,26 @@ def build_parser() -> argparse.ArgumentParser:
     central.add_argument("--results-json", default="", help="also write the results JSON here (benchmarks)")
     central.set_defaults(func=cmd_train_central)
 
-    rec = sub.add_parser("recommend", help="top-K unseen items for one user from a saved run (--explain: why)",
-                         description="Top-K recommendations for one user from a run folder's checkpoint. The run's "
-                         "config names its dataset and features; override paths if it was made on another machine.")
+    rec = sub.add_parser(
+        "recommend",
+        help="top-K unseen items for one user from a saved run (--explain: why)",
+        description="Top-K recommendations for one user from a run folder's checkpoint. The run's "
+        "config names its dataset and features; override paths if it was made on another machine.",
+    )
     rec.add_argument("--run", help="run folder (outputs/<run>: federated or train-central)")
     rec.add_argument("--user", help="the user's raw id, as in your data (ML-100K: u.data column 1)")
     rec.add_argument("--user-index", type=int, help="or the 0-based user index (= Flower partition-id)")
     rec.add_argument("-k", "--k", type=int, default=10, help="number of recommendations (default 10)")
-    rec.add_argument("--checkpoint", default="best",
-                     help="best, last, a stage (pretrain/align/finetune: checkpoint-<stage>.pt) or a .pt path")
-    rec.add_argument("--explain", action="store_true",
-                     help="router weights and the memory items each expert read, per recommendation")
+    rec.add_argument(
+        "--checkpoint",
+        default="best",
+        help="best, last, a stage (pretrain/align/finetune: checkpoint-<stage>.pt) or a .pt path",
+    )
+    rec.add_argument(
+        "--explain",
+        action="store_true",
+        help="router weights and the memory items each expert read, per recommendation",
+    )
     rec.add_argument("--history", type=int, default=10, help="how many of the user's last items to show")
     rec.add_argument("--json", action="store_true", help="print JSON instead of text")
     add_config_flags(rec, RUN_OVERRIDES)

@@ -76,8 +76,10 @@ class ClientRuntime:
 
     def _check_user(self, user: int) -> int:
         if not 0 <= user < self.num_users:
-            raise ValueError(f"partition-id {user} out of range: the dataset has {self.num_users} users "
-                             "(one SuperNode serves one user)")
+            raise ValueError(
+                f"partition-id {user} out of range: the dataset has {self.num_users} users "
+                "(one SuperNode serves one user)"
+            )
         return user
 
     def _prepare(self, arrays: dict[str, np.ndarray], prototypes: np.ndarray | None):
@@ -92,9 +94,19 @@ class ClientRuntime:
     def _memory(self, state: dict[str, np.ndarray] | None) -> LocalDynamicMemory:
         return LocalDynamicMemory.single(self.memory_cfg, state or None)
 
-    def train(self, user: int, arrays: dict[str, np.ndarray], prototypes: np.ndarray | None,
-              memory_state: dict[str, np.ndarray] | None, *, stage: str, lr: float, local_epochs: int,
-              server_round: int, proximal_mu: float = 0.0) -> TrainOutcome:
+    def train(
+        self,
+        user: int,
+        arrays: dict[str, np.ndarray],
+        prototypes: np.ndarray | None,
+        memory_state: dict[str, np.ndarray] | None,
+        *,
+        stage: str,
+        lr: float,
+        local_epochs: int,
+        server_round: int,
+        proximal_mu: float = 0.0,
+    ) -> TrainOutcome:
         started = time.perf_counter()
         user = self._check_user(user)
         proto = self._prepare(arrays, prototypes)
@@ -102,8 +114,11 @@ class ClientRuntime:
         params = apply_stage(self.model, stage)
         optimizer = PlainSGD(params, lr=lr)
         anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-        extra = (lambda: 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))) \
-            if anchor is not None else None
+        extra = (
+            (lambda: 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor)))
+            if anchor is not None
+            else None
+        )
         seed = hash((self.cfg.seed, user, server_round)) % 2**63
         generator = torch.Generator(device=self.cfg.device).manual_seed(seed)
         # Dropout draws from the global RNG: seed it too, so a client's update does not depend on
@@ -112,8 +127,20 @@ class ClientRuntime:
         users = np.array([user])
         stats: dict[str, float] = {}
         for _ in range(local_epochs):
-            stats = train_epoch(self.model, self.assets.data, users, np.zeros(1, dtype=np.int64), optimizer,
-                                self.train_cfg, stage, memory, proto, generator, self.cfg.device, extra)
+            stats = train_epoch(
+                self.model,
+                self.assets.data,
+                users,
+                np.zeros(1, dtype=np.int64),
+                optimizer,
+                self.train_cfg,
+                stage,
+                memory,
+                proto,
+                generator,
+                self.cfg.device,
+                extra,
+            )
         if self.model.config.uses_prototypes:
             centroids, sizes = memory_prototypes(self.model, memory, 0, self.proto_cfg)
         else:
@@ -122,12 +149,25 @@ class ClientRuntime:
         metrics = {k: float(v) for k, v in stats.items() if k not in ("sequences", "positions", "memory_writes")}
         metrics.update({k.replace("_", "-"): float(v) for k, v in memory.stats().items()})
         metrics["client-train-seconds"] = time.perf_counter() - started
-        return TrainOutcome(trainable_state(self.model, stage), int(stats["positions"]), centroids, sizes,
-                            memory.state_arrays(0), metrics)
+        return TrainOutcome(
+            trainable_state(self.model, stage),
+            int(stats["positions"]),
+            centroids,
+            sizes,
+            memory.state_arrays(0),
+            metrics,
+        )
 
     @torch.no_grad()
-    def evaluate(self, user: int, arrays: dict[str, np.ndarray], prototypes: np.ndarray | None,
-                 memory_state: dict[str, np.ndarray] | None, *, split: str) -> EvalOutcome:
+    def evaluate(
+        self,
+        user: int,
+        arrays: dict[str, np.ndarray],
+        prototypes: np.ndarray | None,
+        memory_state: dict[str, np.ndarray] | None,
+        *,
+        split: str,
+    ) -> EvalOutcome:
         """Both protocols for this user; a client that never trained first builds its memory."""
         user = self._check_user(user)
         proto = self._prepare(arrays, prototypes)
@@ -135,10 +175,16 @@ class ClientRuntime:
         if self.model.config.uses_experts and int(memory.step[0]) == 0:
             memory = first_memory(self.model, self.assets.data, user, self.cfg)
         self.model.eval()
-        result = evaluate(self.assets.data, model_scorer(self.model, memory, lambda u: np.zeros(len(u), np.int64),
-                                                         proto), split, maxlen=self.model.config.maxlen,
-                          users=np.array([user]), num_negatives=self.cfg.eval_negatives, seed=self.cfg.eval_seed,
-                          device=self.cfg.device)
+        result = evaluate(
+            self.assets.data,
+            model_scorer(self.model, memory, lambda u: np.zeros(len(u), np.int64), proto),
+            split,
+            maxlen=self.model.config.maxlen,
+            users=np.array([user]),
+            num_negatives=self.cfg.eval_negatives,
+            seed=self.cfg.eval_seed,
+            device=self.cfg.device,
+        )
         metrics = dict(result.metrics("sampled"))
         metrics.update({f"full-{k}": v for k, v in metrics_from_ranks(result.ranks["full"]).items()})
         metrics["train-length"] = float(self.assets.data.train_lengths(np.array([user]))[0])

@@ -37,8 +37,9 @@ class MemoryFile:
             with np.load(self.path, allow_pickle=False) as saved:
                 return {key: saved[key] for key in saved.files}
         except (OSError, ValueError) as exc:  # truncated or foreign file: never guess
-            raise DataFormatError(self.path, f"unreadable client memory file ({exc}); delete it to start "
-                                             "this user's memory afresh") from None
+            raise DataFormatError(
+                self.path, f"unreadable client memory file ({exc}); delete it to start this user's memory afresh"
+            ) from None
 
     def save(self, arrays: dict[str, np.ndarray]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

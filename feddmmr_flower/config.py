@@ -8,13 +8,13 @@ key for key, which a test checks), and results files record it. Keys are kebab-c
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 from .losses import LOSSES
 from .models.feddmmr import VARIANTS
-
 
 DP_MODES = ("off", "central-fixed", "local")
 STRATEGIES = ("fedavg", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedprox", "fedmedian", "fedtrimmedavg")
@@ -111,9 +111,24 @@ class ExperimentConfig:
             raise ConfigError(f"strategy: unknown {self.strategy!r}, choose one of {', '.join(STRATEGIES)}")
         if self.loss not in LOSSES:
             raise ConfigError(f"loss: unknown {self.loss!r}, choose one of {', '.join(LOSSES)}")
-        positive = ("min_seq_len", "hidden", "maxlen", "blocks", "heads", "expert_heads", "negatives", "batch_size",
-                    "memory_capacity", "memory_topk", "max_writes", "num_prototypes", "min_cluster_size",
-                    "eval_every", "eval_negatives", "patience")
+        positive = (
+            "min_seq_len",
+            "hidden",
+            "maxlen",
+            "blocks",
+            "heads",
+            "expert_heads",
+            "negatives",
+            "batch_size",
+            "memory_capacity",
+            "memory_topk",
+            "max_writes",
+            "num_prototypes",
+            "min_cluster_size",
+            "eval_every",
+            "eval_negatives",
+            "patience",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{kebab(name)} must be >= 1, got {getattr(self, name)}")
@@ -131,18 +146,23 @@ class ExperimentConfig:
         if self.eval_users < 0 or self.proximal_mu < 0 or self.min_available_nodes < 1:
             raise ConfigError("eval-users and proximal-mu must be >= 0, min-available-nodes >= 1")
         if self.visual_features and not self.posters_dir and self.variant != "sasrec":
-            raise ConfigError("visual-features is on but posters-dir is empty: set posters-dir (a folder of "
-                              "<item>.jpg posters) or visual-features=false")
+            raise ConfigError(
+                "visual-features is on but posters-dir is empty: set posters-dir (a folder of "
+                "<item>.jpg posters) or visual-features=false"
+            )
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 < self.prototype_ema <= 1:
             raise ConfigError(f"prototype-ema must be in (0, 1], got {self.prototype_ema}")
         if self.memory_topk > self.memory_capacity:
-            raise ConfigError(f"memory-topk ({self.memory_topk}) cannot exceed memory-capacity ({self.memory_capacity})")
+            raise ConfigError(
+                f"memory-topk ({self.memory_topk}) cannot exceed memory-capacity ({self.memory_capacity})"
+            )
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         self._check_privacy()
         from .stages import StageSchedule
+
         StageSchedule.parse(self.stage_schedule)  # fail early on a bad schedule
 
     def _check_privacy(self) -> None:
@@ -152,21 +172,32 @@ class ExperimentConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{kebab(name)} must be > 0, got {getattr(self, name)}")
         if self.dp_noise_multiplier < 0 or (self.dp_mode == "central-fixed" and not self.dp_noise_multiplier > 0):
-            raise ConfigError(f"dp-noise-multiplier must be > 0 with dp-mode='central-fixed', got {self.dp_noise_multiplier}")
+            raise ConfigError(
+                f"dp-noise-multiplier must be > 0 with dp-mode='central-fixed', got {self.dp_noise_multiplier}"
+            )
         if not 0 < self.dp_delta < 1:
             raise ConfigError(f"dp-delta must be in (0, 1), got {self.dp_delta}")
         if not 3 <= self.secagg_num_shares or not 2 <= self.secagg_threshold < self.secagg_num_shares:
-            raise ConfigError(f"secagg-num-shares must be >= 3 and 2 <= secagg-threshold < secagg-num-shares, "
-                              f"got {self.secagg_num_shares} and {self.secagg_threshold}")
+            raise ConfigError(
+                f"secagg-num-shares must be >= 3 and 2 <= secagg-threshold < secagg-num-shares, "
+                f"got {self.secagg_num_shares} and {self.secagg_threshold}"
+            )
         if self.secure_aggregation and self.dp_mode == "central-fixed":
-            raise ConfigError("secure-aggregation cannot be combined with dp-mode='central-fixed' (the server clips "
-                              "and noises individual replies, which SecAgg+ hides); use dp-mode='local'")
-        if (self.secure_aggregation or self.dp_mode == "central-fixed") and self.strategy in ("fedmedian", "fedtrimmedavg"):
-            raise ConfigError(f"strategy {self.strategy!r} needs every client's update; it cannot run with "
-                              "secure-aggregation or dp-mode='central-fixed' (they release only a mean)")
+            raise ConfigError(
+                "secure-aggregation cannot be combined with dp-mode='central-fixed' (the server clips "
+                "and noises individual replies, which SecAgg+ hides); use dp-mode='local'"
+            )
+        if (self.secure_aggregation or self.dp_mode == "central-fixed") and self.strategy in (
+            "fedmedian",
+            "fedtrimmedavg",
+        ):
+            raise ConfigError(
+                f"strategy {self.strategy!r} needs every client's update; it cannot run with "
+                "secure-aggregation or dp-mode='central-fixed' (they release only a mean)"
+            )
 
     @classmethod
-    def from_flat(cls, values: Mapping[str, Any], strict: bool = False) -> "ExperimentConfig":
+    def from_flat(cls, values: Mapping[str, Any], strict: bool = False) -> ExperimentConfig:
         """Build from kebab-case keys (a Flower run config); unknown keys are ignored unless ``strict``."""
         known = {f.name: f for f in fields(cls)}
         kwargs = {}

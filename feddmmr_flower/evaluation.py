@@ -18,8 +18,8 @@ each the mean over users.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -107,8 +107,10 @@ class EvalResult:
 
     def by_history_length(self, data: SequenceData, edges: tuple[int, ...] = HISTORY_EDGES) -> dict:
         """Metrics per bucket of training-history length: ≤ e0, e0+1..e1, > e1."""
-        return {name: {"num_users": int(mask.sum()), **{p: self.metrics(p, mask) for p in self.ranks}}
-                for name, mask in history_buckets(data.train_lengths(self.users), edges).items()}
+        return {
+            name: {"num_users": int(mask.sum()), **{p: self.metrics(p, mask) for p in self.ranks}}
+            for name, mask in history_buckets(data.train_lengths(self.users), edges).items()
+        }
 
 
 def history_buckets(lengths: np.ndarray, edges: tuple[int, ...] = HISTORY_EDGES) -> dict[str, np.ndarray]:
@@ -147,7 +149,7 @@ def evaluate(
     users = np.arange(data.num_users) if users is None else data.check_users(users)
     ranks: dict[str, list[torch.Tensor]] = {p: [] for p in protocols}
     for start in range(0, len(users), batch_size):
-        batch = users[start: start + batch_size]
+        batch = users[start : start + batch_size]
         inputs = torch.as_tensor(data.input_window(batch, split, maxlen), device=device)
         # Scores are per item, so with both protocols one pass over the catalogue serves both.
         full_scores = scorer(batch, inputs, None).float() if "full" in protocols else None

@@ -49,8 +49,14 @@ def _path(value: str) -> Path | None:
 
 def load_data(cfg: ExperimentConfig) -> tuple[SequenceData, Path]:
     options = PrepareOptions(cfg.dataset, cfg.top_users or None, cfg.min_seq_len)
-    return prepare_dataset(options, resolve_path(cfg.data_dir), resolve_path(cfg.cache_dir),
-                           items_file=_path(cfg.items_file), download_url=cfg.download_url or None, verbose=False)
+    return prepare_dataset(
+        options,
+        resolve_path(cfg.data_dir),
+        resolve_path(cfg.cache_dir),
+        items_file=_path(cfg.items_file),
+        download_url=cfg.download_url or None,
+        verbose=False,
+    )
 
 
 def load_features(cfg: ExperimentConfig, data: SequenceData) -> dict:
@@ -60,12 +66,18 @@ def load_features(cfg: ExperimentConfig, data: SequenceData) -> dict:
     from .features import compute_item_features
 
     return compute_item_features(
-        data, resolve_path(cfg.cache_dir) / "features",
-        text=cfg.text_features, visual=cfg.visual_features,
-        descriptions=_path(cfg.descriptions), text_model=cfg.text_model or None,
-        posters_dir=_path(cfg.posters_dir), movies_dat=_path(cfg.movies_dat),
-        clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained or None,
-        device=cfg.device, verbose=sys.stderr.isatty(),
+        data,
+        resolve_path(cfg.cache_dir) / "features",
+        text=cfg.text_features,
+        visual=cfg.visual_features,
+        descriptions=_path(cfg.descriptions),
+        text_model=cfg.text_model or None,
+        posters_dir=_path(cfg.posters_dir),
+        movies_dat=_path(cfg.movies_dat),
+        clip_model=cfg.clip_model,
+        clip_pretrained=cfg.clip_pretrained or None,
+        device=cfg.device,
+        verbose=sys.stderr.isatty(),
     )
 
 
@@ -76,9 +88,25 @@ def _cached_assets(key: tuple) -> Assets:
     return Assets(data, folder, load_features(cfg, data))
 
 
-ASSET_FIELDS = ("dataset", "data_dir", "cache_dir", "items_file", "top_users", "min_seq_len", "download_url",
-                "text_features", "descriptions", "text_model", "visual_features", "posters_dir", "movies_dat",
-                "clip_model", "clip_pretrained", "variant", "device")
+ASSET_FIELDS = (
+    "dataset",
+    "data_dir",
+    "cache_dir",
+    "items_file",
+    "top_users",
+    "min_seq_len",
+    "download_url",
+    "text_features",
+    "descriptions",
+    "text_model",
+    "visual_features",
+    "posters_dir",
+    "movies_dat",
+    "clip_model",
+    "clip_pretrained",
+    "variant",
+    "device",
+)
 
 
 def load_assets(cfg: ExperimentConfig) -> Assets:
@@ -88,9 +116,16 @@ def load_assets(cfg: ExperimentConfig) -> Assets:
 
 
 def model_config(cfg: ExperimentConfig, data: SequenceData) -> FedDMMRConfig:
-    return FedDMMRConfig(num_items=data.num_items, hidden=cfg.hidden, maxlen=cfg.maxlen, num_blocks=cfg.blocks,
-                         num_heads=cfg.heads, dropout=cfg.dropout, variant=cfg.variant,
-                         expert_heads=cfg.expert_heads)
+    return FedDMMRConfig(
+        num_items=data.num_items,
+        hidden=cfg.hidden,
+        maxlen=cfg.maxlen,
+        num_blocks=cfg.blocks,
+        num_heads=cfg.heads,
+        dropout=cfg.dropout,
+        variant=cfg.variant,
+        expert_heads=cfg.expert_heads,
+    )
 
 
 def build_model(cfg: ExperimentConfig, assets: Assets) -> FedDMMR:
@@ -107,8 +142,10 @@ def install_features(model: FedDMMR, assets: Assets) -> None:
     """Put the (non-trained, never sent) item feature tables into ``model``."""
     text, visual = assets.features.get("text"), assets.features.get("visual")
     model.set_features(
-        visual=None if visual is None else visual.vectors, visual_mask=None if visual is None else visual.mask,
-        text=None if text is None else text.vectors, text_mask=None if text is None else text.mask,
+        visual=None if visual is None else visual.vectors,
+        visual_mask=None if visual is None else visual.mask,
+        text=None if text is None else text.vectors,
+        text_mask=None if text is None else text.mask,
     )
 
 
@@ -116,8 +153,16 @@ def first_memory(model: FedDMMR, data: SequenceData, user: int, cfg: ExperimentC
     """The memory a client builds from its training sequence before it ever trained (a client that
     evaluates first, ``feddmmr recommend`` on a federated run): one code path for both."""
     memory = LocalDynamicMemory.single(memory_config(cfg))
-    refresh_memory(model, data, np.array([user]), np.zeros(1, dtype=np.int64), memory, train_config(cfg),
-                   torch.Generator(device=cfg.device).manual_seed(cfg.seed), cfg.device)
+    refresh_memory(
+        model,
+        data,
+        np.array([user]),
+        np.zeros(1, dtype=np.int64),
+        memory,
+        train_config(cfg),
+        torch.Generator(device=cfg.device).manual_seed(cfg.seed),
+        cfg.device,
+    )
     return memory
 
 
@@ -137,25 +182,46 @@ def load_weights(model: FedDMMR, path: str | Path) -> list[str]:
     own = model.state_dict()
     wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if wrong:
-        raise ConfigError(f"init-from: {path} does not fit this model ({wrong[0]}: "
-                          f"{tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}); same dataset and sizes?")
+        raise ConfigError(
+            f"init-from: {path} does not fit this model ({wrong[0]}: "
+            f"{tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}); same dataset and sizes?"
+        )
     result = model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return list(result.missing_keys)
 
 
 def train_config(cfg: ExperimentConfig, lr: float | None = None) -> TrainConfig:
-    return TrainConfig(batch_size=cfg.batch_size, lr=lr or cfg.lr, weight_decay=cfg.weight_decay, loss=cfg.loss,
-                       num_negatives=cfg.negatives, lambda_c=cfg.lambda_c, lambda_lb=cfg.lambda_lb,
-                       surprise_alpha=cfg.surprise_alpha, temperature=cfg.temperature, eval_every=cfg.eval_every,
-                       patience=cfg.patience, eval_negatives=cfg.eval_negatives, eval_seed=cfg.eval_seed,
-                       seed=cfg.seed)
+    return TrainConfig(
+        batch_size=cfg.batch_size,
+        lr=lr or cfg.lr,
+        weight_decay=cfg.weight_decay,
+        loss=cfg.loss,
+        num_negatives=cfg.negatives,
+        lambda_c=cfg.lambda_c,
+        lambda_lb=cfg.lambda_lb,
+        surprise_alpha=cfg.surprise_alpha,
+        temperature=cfg.temperature,
+        eval_every=cfg.eval_every,
+        patience=cfg.patience,
+        eval_negatives=cfg.eval_negatives,
+        eval_seed=cfg.eval_seed,
+        seed=cfg.seed,
+    )
 
 
 def memory_config(cfg: ExperimentConfig) -> MemoryConfig:
-    return MemoryConfig(capacity=cfg.memory_capacity, topk=cfg.memory_topk,
-                        surprise_threshold=cfg.surprise_threshold, max_writes=cfg.max_writes)
+    return MemoryConfig(
+        capacity=cfg.memory_capacity,
+        topk=cfg.memory_topk,
+        surprise_threshold=cfg.surprise_threshold,
+        max_writes=cfg.max_writes,
+    )
 
 
 def prototype_config(cfg: ExperimentConfig) -> PrototypeConfig:
-    return PrototypeConfig(num_prototypes=cfg.num_prototypes, min_cluster_size=cfg.min_cluster_size,
-                           noise_std=cfg.prototype_noise, seed=cfg.seed)
+    return PrototypeConfig(
+        num_prototypes=cfg.num_prototypes,
+        min_cluster_size=cfg.min_cluster_size,
+        noise_std=cfg.prototype_noise,
+        seed=cfg.seed,
+    )

@@ -41,7 +41,9 @@ def sample_negatives(
     return flat.view(shape)
 
 
-def recommendation_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor, real: torch.Tensor, kind: str = "ce") -> torch.Tensor:
+def recommendation_loss(
+    pos_logits: torch.Tensor, neg_logits: torch.Tensor, real: torch.Tensor, kind: str = "ce"
+) -> torch.Tensor:
     """Per-position loss [B, L] from positive logits [B, L] and negative logits [B, L, n]."""
     if kind == "ce":  # sampled softmax: the positive against its n negatives
         logits = torch.cat([pos_logits.unsqueeze(-1), neg_logits], dim=-1)

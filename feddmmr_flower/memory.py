@@ -59,7 +59,7 @@ class LocalDynamicMemory:
     def utility(self, rows: torch.Tensor) -> torch.Tensor:
         """α · recency + β · frequency score; -inf for empty slots (evicted first, never retrieved)."""
         age = (self.step[rows, None] - self.last_write[rows]).clamp(min=0).float()
-        recency = self.config.recency_decay ** age
+        recency = self.config.recency_decay**age
         freq = self.freq[rows].float()
         freq_score = torch.log1p(freq) / torch.log1p(freq + 10.0)
         value = self.config.alpha * recency + self.config.beta * freq_score
@@ -118,7 +118,9 @@ class LocalDynamicMemory:
         keep = pool_util.topk(self.config.capacity, dim=1).indices  # [B, C]
         pool = {
             "item": torch.cat([mem_item, torch.where(new, cand_item, torch.zeros_like(cand_item))], 1),
-            "position": torch.cat([self.position[rows], torch.where(new, cand_pos, torch.full_like(cand_pos, NEVER))], 1),
+            "position": torch.cat(
+                [self.position[rows], torch.where(new, cand_pos, torch.full_like(cand_pos, NEVER))], 1
+            ),
             "freq": torch.cat([self.freq[rows], new.long()], 1),
             "last_write": torch.cat([self.last_write[rows], step[:, None].expand_as(cand_item)], 1),
             "surprise": torch.cat([self.surprise[rows], cand_sur], 1),
@@ -193,7 +195,9 @@ class LocalDynamicMemory:
             getattr(self, key)[row] = value
 
     @classmethod
-    def single(cls, config: MemoryConfig | None = None, arrays: dict[str, np.ndarray] | None = None) -> "LocalDynamicMemory":
+    def single(
+        cls, config: MemoryConfig | None = None, arrays: dict[str, np.ndarray] | None = None
+    ) -> LocalDynamicMemory:
         memory = cls(1, config)
         if arrays:
             memory.load_state(arrays)

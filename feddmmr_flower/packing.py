@@ -20,8 +20,11 @@ def packable(arrays: dict[str, np.ndarray]) -> bool:
 def pack(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, str]:
     """(flat float32 vector, JSON layout [[name, shape], ...]) in the arrays' order."""
     layout = [[name, list(np.shape(value))] for name, value in arrays.items()]
-    flat = np.concatenate([np.ascontiguousarray(v, dtype=np.float32).ravel() for v in arrays.values()]) \
-        if arrays else np.zeros(0, np.float32)
+    flat = (
+        np.concatenate([np.ascontiguousarray(v, dtype=np.float32).ravel() for v in arrays.values()])
+        if arrays
+        else np.zeros(0, np.float32)
+    )
     return flat, json.dumps(layout)
 
 
@@ -33,10 +36,12 @@ def unpack(flat: np.ndarray, layout: str) -> dict[str, np.ndarray]:
         raise ValueError(f"packed arrays: unreadable layout ({exc})") from None
     sizes = [int(np.prod(shape)) for _, shape in entries]
     if flat.ndim != 1 or flat.size != sum(sizes):
-        raise ValueError(f"packed arrays: vector of shape {flat.shape} does not match its layout "
-                         f"({sum(sizes)} values in {len(entries)} arrays)")
+        raise ValueError(
+            f"packed arrays: vector of shape {flat.shape} does not match its layout "
+            f"({sum(sizes)} values in {len(entries)} arrays)"
+        )
     out, start = {}, 0
     for (name, shape), size in zip(entries, sizes):
-        out[name] = flat[start:start + size].reshape(shape)
+        out[name] = flat[start : start + size].reshape(shape)
         start += size
     return out

@@ -10,8 +10,8 @@ its colour, so stage changes stay visible when comparing runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import matplotlib
 
@@ -88,19 +88,30 @@ def _mark_stages(axes, runs: Runs, x: str) -> list:
         previous = pos
         for ax in axes:
             ax.axvline(pos, color=colour, linestyle=":", linewidth=1.2, zorder=1)
-            ax.text(pos, 0.5 if low else 0.99, f" {stage}", color=colour, fontsize=7, rotation=90, va="top",
-                    ha="left", transform=ax.get_xaxis_transform())
+            ax.text(
+                pos,
+                0.5 if low else 0.99,
+                f" {stage}",
+                color=colour,
+                fontsize=7,
+                rotation=90,
+                va="top",
+                ha="left",
+                transform=ax.get_xaxis_transform(),
+            )
     return [Line2D([], [], color="#444444", linestyle=":", label="stage starts (run colour; grey: several runs)")]
 
 
 def _style_legend(ax, styles: list[tuple[str, str]]) -> None:
     """A legend of line styles only (the run colours are named in the first panel)."""
-    ax.legend(handles=[Line2D([], [], color="black", linestyle=s, label=label) for s, label in styles],
-              fontsize=8, loc="best")
+    ax.legend(
+        handles=[Line2D([], [], color="black", linestyle=s, label=label) for s, label in styles], fontsize=8, loc="best"
+    )
 
 
-def _lines(ax, runs: Runs, value: Getter, x: str, *, style: str = "-", marker: str | None = None,
-           gaps: bool = True) -> bool:
+def _lines(
+    ax, runs: Runs, value: Getter, x: str, *, style: str = "-", marker: str | None = None, gaps: bool = True
+) -> bool:
     """One line per run; True when something was drawn.
 
     ``gaps``: break the line where a record lacks the value (a loss part absent in a stage), else
@@ -115,8 +126,16 @@ def _lines(ax, runs: Runs, value: Getter, x: str, *, style: str = "-", marker: s
         xs = [p[0] for p in points]
         ys = [float("nan") if p[1] is None else p[1] for p in points]
         known = sum(y == y for y in ys)
-        ax.plot(xs, ys, linestyle=style, marker=marker or ("o" if known < 20 else None), markersize=3,
-                color=_colour(i), label=label, linewidth=1.4)
+        ax.plot(
+            xs,
+            ys,
+            linestyle=style,
+            marker=marker or ("o" if known < 20 else None),
+            markersize=3,
+            color=_colour(i),
+            label=label,
+            linewidth=1.4,
+        )
         drawn = True
     return drawn
 
@@ -177,8 +196,10 @@ def plot_validation(runs: Runs, path: Path, x: str = "round") -> Path:
     full = any(_valid("full-NDCG@10")(r) is not None for h in runs.values() for r in h)
     metrics = [("NDCG@10", "validation NDCG@10 (sampled protocol)"), ("HR@10", "validation HR@10 (sampled protocol)")]
     if full:
-        metrics += [("full-NDCG@10", "validation NDCG@10 (full ranking)"),
-                    ("full-HR@10", "validation HR@10 (full ranking)")]
+        metrics += [
+            ("full-NDCG@10", "validation NDCG@10 (full ranking)"),
+            ("full-HR@10", "validation HR@10 (full ranking)"),
+        ]
     fig, axes = _figure(len(metrics), 2)
     stage_handles = _mark_stages(axes, runs, x)
     for ax, (key, title) in zip(axes, metrics):
@@ -189,8 +210,9 @@ def plot_validation(runs: Runs, path: Path, x: str = "round") -> Path:
 
 def plot_losses(runs: Runs, path: Path, x: str = "round") -> Path:
     """Training loss parts (mean over the round's clients, or over the epoch's batches)."""
-    parts = [(key, title) for key, title in LOSS_PARTS if any(_train(key)(r) is not None
-                                                              for h in runs.values() for r in h)]
+    parts = [
+        (key, title) for key, title in LOSS_PARTS if any(_train(key)(r) is not None for h in runs.values() for r in h)
+    ]
     parts = parts or list(LOSS_PARTS[:2])
     fig, axes = _figure(len(parts), min(3, len(parts)))
     stage_handles = _mark_stages(axes, runs, x)
@@ -212,8 +234,9 @@ def plot_memory(runs: Runs, path: Path, x: str = "round") -> Path:
     axes[1].set_title("cumulative writes per user", fontsize=10)
     _lines(axes[2], runs, _train("memory-evictions"), x)
     axes[2].set_title("cumulative evictions per user", fontsize=10)
-    return _finish(fig, axes, runs, x, _title("Memory (federated: mean over the round's clients)", runs), path,
-                   stage_handles)
+    return _finish(
+        fig, axes, runs, x, _title("Memory (federated: mean over the round's clients)", runs), path, stage_handles
+    )
 
 
 def plot_round_time(runs: Runs, path: Path, x: str = "round") -> Path:
@@ -246,15 +269,25 @@ def plot_curves(runs: Runs, path: Path, x: str = "round") -> Path:
     _lines(axes[1], runs, _train("rec"), x)
     _lines(axes[2], runs, _train("memory-size"), x)
     _lines(axes[3], runs, lambda r: r.get("seconds"), x)
-    titles = ("validation (sampled protocol)", "training loss (recommendation part)",
-              "memory entries per client (mean of sampled)", "seconds per round")
+    titles = (
+        "validation (sampled protocol)",
+        "training loss (recommendation part)",
+        "memory entries per client (mean of sampled)",
+        "seconds per round",
+    )
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=10)
     return _finish(fig, axes, runs, x, _title("FedDMMR run", runs), path, stage_handles)
 
 
-def plot_mean_curves(curves: dict[str, Sequence[tuple[float, float, float]]], path: Path, *, title: str,
-                     ylabel: str, xlabel: str = "round") -> Path:
+def plot_mean_curves(
+    curves: dict[str, Sequence[tuple[float, float, float]]],
+    path: Path,
+    *,
+    title: str,
+    ylabel: str,
+    xlabel: str = "round",
+) -> Path:
     """One line per label: the mean over seeds at each x with a ±1 std band (benchmarks)."""
     fig, (ax,) = _figure(1, 1, height=4.2)
     fig.set_size_inches(8.0, 4.6)
@@ -262,8 +295,14 @@ def plot_mean_curves(curves: dict[str, Sequence[tuple[float, float, float]]], pa
         xs = [p[0] for p in points]
         mean = [p[1] for p in points]
         ax.plot(xs, mean, color=_colour(i), label=label, linewidth=1.5)
-        ax.fill_between(xs, [m - p[2] for m, p in zip(mean, points)], [m + p[2] for m, p in zip(mean, points)],
-                        color=_colour(i), alpha=0.15, linewidth=0)
+        ax.fill_between(
+            xs,
+            [m - p[2] for m, p in zip(mean, points)],
+            [m + p[2] for m, p in zip(mean, points)],
+            color=_colour(i),
+            alpha=0.15,
+            linewidth=0,
+        )
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -281,11 +320,19 @@ def plot_scaling(rows: Sequence[dict], path: Path) -> Path:
     for i, stage in enumerate(stages):
         ys = [r["stages"].get(stage, {}).get("round_s", float("nan")) for r in rows]
         left.plot(users, ys, marker="o", color=_colour(i), label=f"{stage} round")
-    left.plot(users, [r["first_round_s"] for r in rows], marker="s", linestyle="--", color="grey",
-              label="first round (start-up)")
+    left.plot(
+        users,
+        [r["first_round_s"] for r in rows],
+        marker="s",
+        linestyle="--",
+        color="grey",
+        label="first round (start-up)",
+    )
     left.set_ylabel("seconds")
-    kinds = sorted({k for r in rows for k in r["memory_by_kind"]},
-                   key=lambda k: -max(r["memory_by_kind"].get(k, {}).get("max_peak_rss_mb", 0) for r in rows))
+    kinds = sorted(
+        {k for r in rows for k in r["memory_by_kind"]},
+        key=lambda k: -max(r["memory_by_kind"].get(k, {}).get("max_peak_rss_mb", 0) for r in rows),
+    )
     for i, kind in enumerate(kinds[:6]):
         ys = [r["memory_by_kind"].get(kind, {}).get("max_peak_rss_mb", float("nan")) for r in rows]
         right.plot(users, ys, marker="o", color=_colour(i), label=kind)

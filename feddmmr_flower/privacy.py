@@ -94,7 +94,7 @@ class RdpAccountant:
         return {"delta": self.delta, "events": [list(e) for e in self.events]}
 
     @classmethod
-    def from_state(cls, state: dict) -> "RdpAccountant":
+    def from_state(cls, state: dict) -> RdpAccountant:
         return cls(float(state["delta"]), [(float(q), float(z), int(c)) for q, z, c in state["events"]])
 
 

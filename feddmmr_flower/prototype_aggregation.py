@@ -59,9 +59,7 @@ def _as_client(centroids: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np
     return c, s
 
 
-def validate_client(
-    centroids: np.ndarray, sizes: np.ndarray, dim: int | None
-) -> str | None:
+def validate_client(centroids: np.ndarray, sizes: np.ndarray, dim: int | None) -> str | None:
     """Return why this client's prototypes are unusable, or None if they are fine.
 
     ``dim`` is the expected prototype width P (None: any width). Empty (k = 0) is fine.
@@ -82,9 +80,7 @@ def validate_client(
     return None
 
 
-def match_to_prototypes(
-    centroids: np.ndarray, prototypes: np.ndarray, metric: Metric = "cosine"
-) -> np.ndarray:
+def match_to_prototypes(centroids: np.ndarray, prototypes: np.ndarray, metric: Metric = "cosine") -> np.ndarray:
     """Index of the nearest global prototype for each centroid, int [k]."""
     c = np.asarray(centroids, dtype=np.float64)
     g = np.asarray(prototypes, dtype=np.float64)
@@ -98,9 +94,7 @@ def match_to_prototypes(
     raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
 
 
-def weighted_kmeans(
-    points: np.ndarray, weights: np.ndarray, num_clusters: int, seed: int = 0
-) -> np.ndarray:
+def weighted_kmeans(points: np.ndarray, weights: np.ndarray, num_clusters: int, seed: int = 0) -> np.ndarray:
     """Weighted K-Means centres float64 [min(num_clusters, #distinct points), P].
 
     Rows are sorted first, so the result does not depend on the order in which
@@ -171,9 +165,7 @@ def aggregate_prototypes(
         centres = weighted_kmeans(x, w, num_prototypes, seed)
         if centres.shape[0] == 0:  # every size was 0
             return PrototypeAggregation(None, np.zeros(0), rejected)
-        slot_weights = np.bincount(
-            match_to_prototypes(x, centres, "euclidean"), weights=w, minlength=len(centres)
-        )
+        slot_weights = np.bincount(match_to_prototypes(x, centres, "euclidean"), weights=w, minlength=len(centres))
         return PrototypeAggregation(centres.astype(np.float32), slot_weights, rejected)
 
     slots = match_to_prototypes(x, g, metric)

@@ -26,8 +26,9 @@ class PrototypeConfig:
             raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
 
 
-def weighted_kmeans(vectors: np.ndarray, weights: np.ndarray, clusters: int, seed: int,
-                    max_iter: int = 100) -> tuple[np.ndarray, np.ndarray]:
+def weighted_kmeans(
+    vectors: np.ndarray, weights: np.ndarray, clusters: int, seed: int, max_iter: int = 100
+) -> tuple[np.ndarray, np.ndarray]:
     """Lloyd's algorithm after a seeded greedy k-means++ initialisation: (centres, labels).
 
     On a client's ≤ 50 entries this takes ~1 ms; ``sklearn.cluster.KMeans`` spends ~25 ms per
@@ -48,8 +49,7 @@ def weighted_kmeans(vectors: np.ndarray, weights: np.ndarray, clusters: int, see
     return centres, labels
 
 
-def kmeans_plusplus(vectors: np.ndarray, weights: np.ndarray, clusters: int,
-                    rng: np.random.Generator) -> np.ndarray:
+def kmeans_plusplus(vectors: np.ndarray, weights: np.ndarray, clusters: int, rng: np.random.Generator) -> np.ndarray:
     """Weighted greedy k-means++ (Arthur & Vassilvitskii; the variant scikit-learn uses): each new
     centre is the best of 2 + log(k) candidates drawn in proportion to weight x squared distance."""
     n = len(vectors)

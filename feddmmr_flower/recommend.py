@@ -82,8 +82,10 @@ def checkpoint_path(run: Path | None, which: str) -> Path:
         if run is not None and not run.is_dir():
             raise MissingDataError(f"run folder {run} not found")
         found = sorted(p.name for p in path.parent.glob("*.pt")) if path.parent.is_dir() else []
-        raise MissingDataError(f"checkpoint {path} not found" + (f" (the folder has {', '.join(found)})" if found
-                                                                  else " (the folder has no .pt file)"))
+        raise MissingDataError(
+            f"checkpoint {path} not found"
+            + (f" (the folder has {', '.join(found)})" if found else " (the folder has no .pt file)")
+        )
     return path
 
 
@@ -107,11 +109,16 @@ def load_run(run: str | Path | None, checkpoint: str = "best", overrides: dict[s
     if not isinstance(payload, dict) or "state_dict" not in payload or "model_config" not in payload:
         raise ConfigError(f"{path} is not a FedDMMR checkpoint (no model_config/state_dict)")
     results = _read_json(folder / "results.json")
-    experiment = payload.get("experiment") or _read_json(folder / "config.json").get("experiment") \
+    experiment = (
+        payload.get("experiment")
+        or _read_json(folder / "config.json").get("experiment")
         or results.get("config", {}).get("experiment")
+    )
     if not experiment:
-        raise MissingDataError(f"{path}: no experiment configuration in the checkpoint, {folder}/config.json "
-                               f"or {folder}/results.json; cannot tell which dataset it was trained on")
+        raise MissingDataError(
+            f"{path}: no experiment configuration in the checkpoint, {folder}/config.json "
+            f"or {folder}/results.json; cannot tell which dataset it was trained on"
+        )
     flat = {**experiment, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     flat["variant"] = payload["model_config"].get("variant", flat.get("variant"))
     cfg = ExperimentConfig.from_flat(flat)
@@ -124,8 +131,10 @@ def user_index(data: SequenceData, raw_id: str) -> int:
     matches = np.flatnonzero(data.user_raw_ids == str(raw_id).strip())
     if len(matches) == 0:
         ids = data.user_raw_ids
-        raise UnknownUserError(f"user {raw_id!r} is not in this dataset ({data.num_users} users, raw ids "
-                               f"{ids[0]} … {ids[-1]}; users with fewer than min-seq-len interactions were dropped)")
+        raise UnknownUserError(
+            f"user {raw_id!r} is not in this dataset ({data.num_users} users, raw ids "
+            f"{ids[0]} … {ids[-1]}; users with fewer than min-seq-len interactions were dropped)"
+        )
     return int(matches[0])
 
 
@@ -139,8 +148,10 @@ class Recommender:
         self.data = self.assets.data
         model_cfg = FedDMMRConfig(**run.payload["model_config"])
         if model_cfg.num_items != self.data.num_items:
-            raise ConfigError(f"dataset mismatch: {run.checkpoint} was trained on {model_cfg.num_items} items, the "
-                              f"dataset prepared from {cfg.data_dir} has {self.data.num_items} (--data-dir?)")
+            raise ConfigError(
+                f"dataset mismatch: {run.checkpoint} was trained on {model_cfg.num_items} items, the "
+                f"dataset prepared from {cfg.data_dir} has {self.data.num_items} (--data-dir?)"
+            )
         self.model = FedDMMR(model_cfg)
         install_features(self.model, self.assets)
         try:
@@ -149,8 +160,11 @@ class Recommender:
             raise ConfigError(f"{run.checkpoint} does not fit its model config: {str(exc).splitlines()[0]}") from None
         self.model.to(cfg.device).eval()
         protos = run.payload.get("prototypes")
-        self.prototypes = None if protos is None or len(protos) == 0 or not model_cfg.uses_prototypes \
+        self.prototypes = (
+            None
+            if protos is None or len(protos) == 0 or not model_cfg.uses_prototypes
             else torch.as_tensor(protos, dtype=torch.float32, device=cfg.device)
+        )
 
     # ------------------------------------------------------------------ memory
     def memory(self, user: int) -> tuple[LocalDynamicMemory | None, int, str]:
@@ -164,8 +178,14 @@ class Recommender:
                 setattr(memory, key, saved[key].clone())
             return memory, user, "saved with the checkpoint (central training keeps every user's memory)"
         memory = first_memory(self.model, self.data, user, self.run.cfg)
-        return memory, 0, ("rebuilt here from the user's training sequence with this model (refresh_memory, the "
-                           "client's code path): a federated run's memories stay on the clients")
+        return (
+            memory,
+            0,
+            (
+                "rebuilt here from the user's training sequence with this model (refresh_memory, the "
+                "client's code path): a federated run's memories stay on the clients"
+            ),
+        )
 
     # --------------------------------------------------------------- scoring
     def _title(self, item: int) -> str:
@@ -175,17 +195,16 @@ class Recommender:
         return {"item": str(self.data.item_raw_ids[item]), "title": self._title(item), **extra}
 
     @torch.no_grad()
-    def recommend(self, user: int, k: int = 10, explain: bool = False, history: int = 10,
-                  top_memory: int = 3) -> dict:
+    def recommend(self, user: int, k: int = 10, explain: bool = False, history: int = 10, top_memory: int = 3) -> dict:
         """Top-``k`` unseen items for the user at index ``user``, scored after their whole history."""
         if k < 1:
             raise ConfigError(f"--k must be >= 1, got {k}")
         data, model, device = self.data, self.model, self.run.cfg.device
         seq = data.sequence(user)
-        stamps = data.timestamps[data.offsets[user]: data.offsets[user + 1]]
+        stamps = data.timestamps[data.offsets[user] : data.offsets[user + 1]]
         window = np.zeros((1, model.config.maxlen), dtype=np.int64)
-        recent = seq[-model.config.maxlen:]
-        window[0, model.config.maxlen - len(recent):] = recent
+        recent = seq[-model.config.maxlen :]
+        window[0, model.config.maxlen - len(recent) :] = recent
         memory, row, memory_source = self.memory(user)
         rows = torch.tensor([row])
         slots = memory_slots(model, memory, rows, self.prototypes, device)
@@ -196,16 +215,26 @@ class Recommender:
         k = min(k, int((~seen).sum()))
         top = torch.topk(scores, k)
         items = top.indices.tolist()
-        recs = [self._item(i, rank=r + 1, score=round(float(s), 4)) for r, (i, s) in
-                enumerate(zip(items, top.values.tolist()))]
+        recs = [
+            self._item(i, rank=r + 1, score=round(float(s), 4))
+            for r, (i, s) in enumerate(zip(items, top.values.tolist()))
+        ]
         result = {
-            "run": str(self.run.folder), "checkpoint": str(self.run.checkpoint), "weights": self.run.describe(),
-            "dataset": {"name": self.run.cfg.dataset, "data_dir": self.run.cfg.data_dir,
-                        "num_users": data.num_users, "num_items": data.num_items},
+            "run": str(self.run.folder),
+            "checkpoint": str(self.run.checkpoint),
+            "weights": self.run.describe(),
+            "dataset": {
+                "name": self.run.cfg.dataset,
+                "data_dir": self.run.cfg.data_dir,
+                "num_users": data.num_users,
+                "num_items": data.num_items,
+            },
             "user": {"raw_id": str(data.user_raw_ids[user]), "index": user, "num_items_seen": len(seq)},
-            "history": [self._item(int(i), time=_date(int(t))) for i, t in zip(seq[-history:][::-1],
-                                                                               stamps[-history:][::-1])]
-            if history > 0 else [],
+            "history": [
+                self._item(int(i), time=_date(int(t))) for i, t in zip(seq[-history:][::-1], stamps[-history:][::-1])
+            ]
+            if history > 0
+            else [],
             "recommendations": recs,
             "excluded": "every item the user has seen",
         }
@@ -222,8 +251,9 @@ class Recommender:
             summary["retrieved"] = int((memory.retrieve(torch.tensor([row]))[0] > 0).sum())
         return summary
 
-    def _explain(self, recs: list[dict], items: list[int], slots, memory: LocalDynamicMemory, row: int,
-                 top_memory: int) -> None:
+    def _explain(
+        self, recs: list[dict], items: list[int], slots, memory: LocalDynamicMemory, row: int, top_memory: int
+    ) -> None:
         """Add router weights, the expert term of the score and the most-read memory items to ``recs``."""
         cand = torch.as_tensor([items], device=self.run.cfg.device)
         why = self.model.explain(cand, slots)
@@ -233,7 +263,7 @@ class Recommender:
         for q, rec in enumerate(recs):
             rec["router"] = {name: round(float(why["router"][0, q, e]), 4) for e, name in enumerate(EXPERT_NAMES)}
             rec["expert_term"] = round(float(why["term"][0, q]), 4)
-            for e, name in enumerate(EXPERT_NAMES):
+            for name in EXPERT_NAMES:
                 if rec["router"][name] == 0:  # the router switched it off: what it read does not count
                     rec[f"{name}_read"], rec[f"{name}_prototype_attention"] = [], 0.0
                     rec[f"{name}_unused"] = self._unused_reason(name, items[q], slots)
@@ -246,7 +276,6 @@ class Recommender:
                     read.append(self._item(slot_items[s], attention=round(float(weights[num_protos + s]), 4)))
                 rec[f"{name}_read"] = read
                 rec[f"{name}_prototype_attention"] = round(float(weights[:num_protos].sum()), 4)
-
 
     def _unused_reason(self, expert: str, item: int, slots) -> str:
         if expert == "visual" and not bool(self.model.vis_avail[item]):
@@ -281,8 +310,10 @@ def format_text(result: dict) -> str:
         lines.append(f"  {rec['rank']:>3}. {rec['score']:>{width}.3f}  {rec['title']}")
         if "router" in rec:
             router = rec["router"]
-            lines.append(f"       router: visual {router['visual']:.2f}, semantic {router['semantic']:.2f}; "
-                         f"experts add {rec['expert_term']:+.3f} to the score")
+            lines.append(
+                f"       router: visual {router['visual']:.2f}, semantic {router['semantic']:.2f}; "
+                f"experts add {rec['expert_term']:+.3f} to the score"
+            )
             for name in EXPERT_NAMES:
                 if f"{name}_unused" in rec:
                     lines.append(f"       {name} expert not used: {rec[f'{name}_unused']}")
@@ -291,9 +322,13 @@ def format_text(result: dict) -> str:
                 proto = rec[f"{name}_prototype_attention"]
                 lines.append(f"       {name} expert read: {read}" + (f"; prototypes {proto:.2f}" if proto else ""))
     if "memory" in result and result["memory"]["source"].startswith("none"):
-        lines.append("explain: this model has no experts (variant sasrec): a score is the SASRec state · item embedding")
+        lines.append(
+            "explain: this model has no experts (variant sasrec): a score is the SASRec state · item embedding"
+        )
     elif "memory" in result:
         mem = result["memory"]
-        lines.append(f"memory: {mem['entries']} items ({mem.get('retrieved', 0)} retrieved for the experts) + "
-                     f"{mem['prototypes']} global prototypes; {mem['source']}")
+        lines.append(
+            f"memory: {mem['entries']} items ({mem.get('retrieved', 0)} retrieved for the experts) + "
+            f"{mem['prototypes']} global prototypes; {mem['source']}"
+        )
     return "\n".join(lines)

@@ -17,14 +17,36 @@ from . import plots
 from .atomic import atomic_write_bytes
 from .errors import DataFormatError, MissingDataError
 
-PLOTS = (("validation", plots.plot_validation, "Validation metrics per round"),
-         ("losses", plots.plot_losses, "Training loss parts"),
-         ("memory", plots.plot_memory, "Memory size and writes"),
-         ("time", plots.plot_round_time, "Time per round"))
-CONFIG_KEYS = ("dataset", "variant", "strategy", "stage-schedule", "fraction-train", "local-epochs", "client-lr",
-               "server-lr", "lr", "batch-size", "hidden", "maxlen", "negatives", "text-features", "descriptions",
-               "visual-features", "clip-pretrained", "memory-capacity", "num-prototypes", "eval-every", "eval-users",
-               "seed")
+PLOTS = (
+    ("validation", plots.plot_validation, "Validation metrics per round"),
+    ("losses", plots.plot_losses, "Training loss parts"),
+    ("memory", plots.plot_memory, "Memory size and writes"),
+    ("time", plots.plot_round_time, "Time per round"),
+)
+CONFIG_KEYS = (
+    "dataset",
+    "variant",
+    "strategy",
+    "stage-schedule",
+    "fraction-train",
+    "local-epochs",
+    "client-lr",
+    "server-lr",
+    "lr",
+    "batch-size",
+    "hidden",
+    "maxlen",
+    "negatives",
+    "text-features",
+    "descriptions",
+    "visual-features",
+    "clip-pretrained",
+    "memory-capacity",
+    "num-prototypes",
+    "eval-every",
+    "eval-users",
+    "seed",
+)
 FEDERATED_ONLY = {"strategy", "fraction-train", "local-epochs", "client-lr", "server-lr", "eval-users"}
 CENTRAL_ONLY = {"lr", "batch-size"}
 NOT_COMPARED = {"output-dir", "run-name", "cache-dir", "data-dir", "resume-from", "device"}
@@ -68,8 +90,16 @@ def central_history(results: dict) -> list[dict]:
             for name in ("writes", "rewrites", "evictions", "passes"):
                 if f"memory_{name}" in memory:
                     train[f"memory-{name}"] = memory[f"memory_{name}"] / users
-        records.append({"round": rec["epoch"], "epoch": rec["epoch"], "stage": rec.get("stage"),
-                        "seconds": rec.get("seconds"), "train": train, "valid": rec.get("valid") or {}})
+        records.append(
+            {
+                "round": rec["epoch"],
+                "epoch": rec["epoch"],
+                "stage": rec.get("stage"),
+                "seconds": rec.get("seconds"),
+                "train": train,
+                "valid": rec.get("valid") or {},
+            }
+        )
     return records
 
 
@@ -83,16 +113,32 @@ def load_run_record(folder: str | Path, label: str | None = None) -> RunRecord:
         config = _json(folder / "config.json") if (folder / "config.json").is_file() else {}
         summary = _json(folder / "summary.json") if (folder / "summary.json").is_file() else {}
         files = [name for name in ("config.json", "history.json", "summary.json") if (folder / name).is_file()]
-        return RunRecord(label, folder, "federated", config.get("experiment", {}),
-                         _json(folder / "history.json").get("rounds", []), summary.get("test", {}),
-                         {**{k: v for k, v in config.items() if k != "experiment"}, **summary}, files)
+        return RunRecord(
+            label,
+            folder,
+            "federated",
+            config.get("experiment", {}),
+            _json(folder / "history.json").get("rounds", []),
+            summary.get("test", {}),
+            {**{k: v for k, v in config.items() if k != "experiment"}, **summary},
+            files,
+        )
     if (folder / "results.json").is_file():
         results = _json(folder / "results.json")
         meta = {k: v for k, v in results.items() if k != "history"}
-        return RunRecord(label, folder, "central", results.get("config", {}).get("experiment", {}),
-                         central_history(results), results.get("test", {}), meta, ["results.json"])
-    raise MissingDataError(f"{folder} holds neither history.json (a federated run) nor results.json "
-                           "(a train-central run)")
+        return RunRecord(
+            label,
+            folder,
+            "central",
+            results.get("config", {}).get("experiment", {}),
+            central_history(results),
+            results.get("test", {}),
+            meta,
+            ["results.json"],
+        )
+    raise MissingDataError(
+        f"{folder} holds neither history.json (a federated run) nor results.json (a train-central run)"
+    )
 
 
 # ------------------------------------------------------------------ numbers
@@ -100,8 +146,9 @@ def stage_bests(history: list[dict]) -> list[dict]:
     """Per stage span: its rounds and the record with the best validation NDCG@10 (None if never evaluated)."""
     rows = []
     for stage, start, end in plots.stage_spans(history):
-        evaluated = [r for r in history if start <= r["round"] <= end and (r.get("valid") or {}).get("NDCG@10")
-                     is not None]
+        evaluated = [
+            r for r in history if start <= r["round"] <= end and (r.get("valid") or {}).get("NDCG@10") is not None
+        ]
         best = max(evaluated, key=lambda r: r["valid"]["NDCG@10"], default=None)
         rows.append({"stage": stage, "first": start, "last": end, "best": best})
     return rows
@@ -113,8 +160,11 @@ def memory_stats(run: RunRecord) -> dict:
     if not with_memory:
         return {}
     last = with_memory[-1]["train"]
-    out = {"round": with_memory[-1]["round"], "size": last["memory-size"],
-           "peak": max(r["train"]["memory-size"] for r in with_memory)}
+    out = {
+        "round": with_memory[-1]["round"],
+        "size": last["memory-size"],
+        "peak": max(r["train"]["memory-size"] for r in with_memory),
+    }
     for name in ("writes", "rewrites", "evictions", "passes"):
         out[name] = last.get(f"memory-{name}")
     out["prototypes"] = last.get("num-prototypes")
@@ -168,28 +218,50 @@ def render_markdown(runs: list[RunRecord], images: dict[str, Path]) -> str:
     """The report page; ``images`` maps a plot name to its file (linked relative to the page)."""
     main = runs[0]
     title = main.label if len(runs) == 1 else f"{main.label} compared with {', '.join(r.label for r in runs[1:])}"
-    lines = [f"# FedDMMR run report: {title}", "",
-             f"Made by `feddmmr report` on {time.strftime('%Y-%m-%d %H:%M')} from:", ""]
+    lines = [
+        f"# FedDMMR run report: {title}",
+        "",
+        f"Made by `feddmmr report` on {time.strftime('%Y-%m-%d %H:%M')} from:",
+        "",
+    ]
     for run in runs:
-        lines.append(f"- **{run.label}** ({run.kind}): `{run.folder}` — {', '.join(run.files)}"
-                     + ("" if run.test else " — no test metrics yet (the run has not finished)"))
-    lines += ["", "## Test metrics", "",
-              "The model selected on validation NDCG@10 (sampled protocol), evaluated once on the test split of "
-              f"every user: sampled = the held-out item + {main.experiment.get('eval-negatives', 100)} sampled "
-              "negatives (`eval-negatives`), full = every item ranked.", ""]
+        lines.append(
+            f"- **{run.label}** ({run.kind}): `{run.folder}` — {', '.join(run.files)}"
+            + ("" if run.test else " — no test metrics yet (the run has not finished)")
+        )
+    lines += [
+        "",
+        "## Test metrics",
+        "",
+        "The model selected on validation NDCG@10 (sampled protocol), evaluated once on the test split of "
+        f"every user: sampled = the held-out item + {main.experiment.get('eval-negatives', 100)} sampled "
+        "negatives (`eval-negatives`), full = every item ranked.",
+        "",
+    ]
     rows = []
     for run in runs:
         sampled, full = run.test.get("sampled", {}), run.test.get("full", {})
-        rows.append([run.label, run.kind, _selected(run), *[_num(sampled.get(m)) for m in METRICS],
-                     *[_num(full.get(m)) for m in METRICS]])
+        rows.append(
+            [
+                run.label,
+                run.kind,
+                _selected(run),
+                *[_num(sampled.get(m)) for m in METRICS],
+                *[_num(full.get(m)) for m in METRICS],
+            ]
+        )
     lines += _table(["run", "kind", "selected", *METRICS, *[f"full {m}" for m in METRICS]], rows)
 
     lines += ["## Configuration", ""]
     header = ["setting", *[r.label for r in runs]]
-    rows = [["kind", *[r.kind for r in runs]],
-            ["rounds / epochs run", *[f"{len(r.history)} {r.x}s" for r in runs]],
-            ["users", *[_plain(r.meta.get("nodes") or r.meta.get("config", {}).get("data", {}).get("num_users"))
-                        for r in runs]]]
+    rows = [
+        ["kind", *[r.kind for r in runs]],
+        ["rounds / epochs run", *[f"{len(r.history)} {r.x}s" for r in runs]],
+        [
+            "users",
+            *[_plain(r.meta.get("nodes") or r.meta.get("config", {}).get("data", {}).get("num_users")) for r in runs],
+        ],
+    ]
     keys = list(CONFIG_KEYS)
     if len(runs) > 1:  # and whatever else differs between the runs
         others = sorted({k for r in runs for k in r.experiment} - set(CONFIG_KEYS) - NOT_COMPARED)
@@ -200,32 +272,63 @@ def render_markdown(runs: list[RunRecord], images: dict[str, Path]) -> str:
             rows.append([f"`{key}`", *values])
     lines += _table(header, rows)
 
-    lines += ["## Best validation per stage", "",
-              "Validation runs on a fixed sample of users every `eval-every` rounds (central: all users).", ""]
+    lines += [
+        "## Best validation per stage",
+        "",
+        "Validation runs on a fixed sample of users every `eval-every` rounds (central: all users).",
+        "",
+    ]
     rows = []
     for run in runs:
         for span in stage_bests(run.history):
             best = span["best"]
             valid = best["valid"] if best else {}
-            rows.append([run.label, span["stage"], f"{span['first']}–{span['last']}",
-                         f"{run.x} {best['round']}" if best else "not evaluated",
-                         *[_num(valid.get(m)) for m in ("NDCG@10", "HR@10", "full-NDCG@10", "full-HR@10")]])
+            rows.append(
+                [
+                    run.label,
+                    span["stage"],
+                    f"{span['first']}–{span['last']}",
+                    f"{run.x} {best['round']}" if best else "not evaluated",
+                    *[_num(valid.get(m)) for m in ("NDCG@10", "HR@10", "full-NDCG@10", "full-HR@10")],
+                ]
+            )
     lines += _table(["run", "stage", f"{main.x}s", "best at", "NDCG@10", "HR@10", "full NDCG@10", "full HR@10"], rows)
 
-    lines += ["## Memory", "",
-              "LocalDynamicMemory per user at the end of training (federated: mean over the last round's "
-              "clients; central: mean over all users). Writes, re-writes, evictions and passes are cumulative.", ""]
+    lines += [
+        "## Memory",
+        "",
+        "LocalDynamicMemory per user at the end of training (federated: mean over the last round's "
+        "clients; central: mean over all users). Writes, re-writes, evictions and passes are cumulative.",
+        "",
+    ]
     rows = []
     for run in runs:
         stats = memory_stats(run)
         if stats:
-            rows.append([run.label, f"{run.x} {stats['round']}",
-                         *[_num(stats[k], 1) for k in ("size", "peak", "writes", "rewrites", "evictions", "passes")],
-                         _num(stats["prototypes"], 0)])
+            rows.append(
+                [
+                    run.label,
+                    f"{run.x} {stats['round']}",
+                    *[_num(stats[k], 1) for k in ("size", "peak", "writes", "rewrites", "evictions", "passes")],
+                    _num(stats["prototypes"], 0),
+                ]
+            )
         else:
             rows.append([run.label, "no memory (variant sasrec)", *["—"] * 7])
-    lines += _table(["run", "last record", "entries", "peak entries", "writes", "re-writes", "evictions", "passes",
-                     "global prototypes"], rows)
+    lines += _table(
+        [
+            "run",
+            "last record",
+            "entries",
+            "peak entries",
+            "writes",
+            "re-writes",
+            "evictions",
+            "passes",
+            "global prototypes",
+        ],
+        rows,
+    )
 
     lines += ["## Time", ""]
     rows = []
@@ -234,9 +337,15 @@ def render_markdown(runs: list[RunRecord], images: dict[str, Path]) -> str:
         client = [(r.get("train") or {}).get("total-client-train-seconds") for r in run.history]
         client = [c for c in client if c is not None]
         wall = run.meta.get("wall_time_s")
-        rows.append([run.label, str(len(run.history)), _num(None if wall is None else wall / 60, 1),
-                     _num(sum(seconds) / len(seconds) if seconds else None, 2),
-                     _num(sum(client) / len(client) if client else None, 2)])
+        rows.append(
+            [
+                run.label,
+                str(len(run.history)),
+                _num(None if wall is None else wall / 60, 1),
+                _num(sum(seconds) / len(seconds) if seconds else None, 2),
+                _num(sum(client) / len(client) if client else None, 2),
+            ]
+        )
     lines += _table(["run", "rounds / epochs", "minutes", "s per round / epoch", "client training s per round"], rows)
 
     lines += ["## Plots", ""]

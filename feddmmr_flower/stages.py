@@ -16,8 +16,16 @@ import torch
 from .errors import ConfigError
 from .models.feddmmr import STAGES, FedDMMR
 
-__all__ = ["STAGES", "StageSchedule", "StageSegment", "apply_stage", "load_arrays", "parse_stage_schedule",
-           "trainable_names", "trainable_state"]
+__all__ = [
+    "STAGES",
+    "StageSchedule",
+    "StageSegment",
+    "apply_stage",
+    "load_arrays",
+    "parse_stage_schedule",
+    "trainable_names",
+    "trainable_state",
+]
 
 
 @dataclass(frozen=True)
@@ -67,15 +75,12 @@ class StageSchedule:
                 raise ConfigError(f"bad stage schedule item {item!r}: expected 'stage:count'")
             if stage not in STAGES:
                 raise ConfigError(
-                    f"bad stage schedule item {item!r}: unknown stage {stage!r} "
-                    f"(choose from {', '.join(STAGES)})"
+                    f"bad stage schedule item {item!r}: unknown stage {stage!r} (choose from {', '.join(STAGES)})"
                 )
             try:
                 n = int(count)
             except ValueError:
-                raise ConfigError(
-                    f"bad stage schedule item {item!r}: count {count!r} is not an integer"
-                ) from None
+                raise ConfigError(f"bad stage schedule item {item!r}: count {count!r} is not an integer") from None
             if n < 0:
                 raise ConfigError(f"bad stage schedule item {item!r}: count must be >= 0")
             parts.append((stage, n))
@@ -93,8 +98,7 @@ class StageSchedule:
     def segment_for_round(self, server_round: int) -> StageSegment:
         if not 1 <= server_round <= self.total_rounds:
             raise ConfigError(
-                f"round {server_round} is outside the stage schedule "
-                f"'{self}' (rounds 1..{self.total_rounds})"
+                f"round {server_round} is outside the stage schedule '{self}' (rounds 1..{self.total_rounds})"
             )
         return next(s for s in self.segments if server_round <= s.last_round)
 

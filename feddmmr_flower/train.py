@@ -12,9 +12,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -52,8 +52,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ConfigError(f"unknown loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
-        for name in ("epochs", "batch_size", "num_negatives", "eval_every", "patience", "eval_negatives",
-                     "align_samples"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "num_negatives",
+            "eval_every",
+            "patience",
+            "eval_negatives",
+            "align_samples",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -73,8 +80,9 @@ class Batch:
     exclude: torch.Tensor  # [B, num_items + 1] training history (never sampled as negative)
 
 
-def make_batch(data: SequenceData, users: np.ndarray, rows: np.ndarray, maxlen: int,
-               device: torch.device | str = "cpu") -> Batch:
+def make_batch(
+    data: SequenceData, users: np.ndarray, rows: np.ndarray, maxlen: int, device: torch.device | str = "cpu"
+) -> Batch:
     return Batch(
         users=np.asarray(users),
         rows=torch.as_tensor(np.asarray(rows), dtype=torch.int64),
@@ -85,8 +93,13 @@ def make_batch(data: SequenceData, users: np.ndarray, rows: np.ndarray, maxlen: 
     )
 
 
-def memory_slots(model: FedDMMR, memory: LocalDynamicMemory | None, rows: torch.Tensor,
-                 prototypes: torch.Tensor | None, device: torch.device | str = "cpu"):
+def memory_slots(
+    model: FedDMMR,
+    memory: LocalDynamicMemory | None,
+    rows: torch.Tensor,
+    prototypes: torch.Tensor | None,
+    device: torch.device | str = "cpu",
+):
     """Slots for a batch (None when the model has no experts or there is no memory)."""
     if memory is None or not model.config.uses_experts:
         return None
@@ -100,8 +113,9 @@ def normalised_surprise(position_loss: torch.Tensor, real: torch.Tensor) -> torc
     return position_loss / mean.clamp(min=1e-12) * real
 
 
-def batch_loss(model: FedDMMR, batch: Batch, config: TrainConfig, stage: str, slots,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def batch_loss(
+    model: FedDMMR, batch: Batch, config: TrainConfig, stage: str, slots, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(total loss, per-position recommendation loss [B, L] (detached), loss parts)."""
     real = (batch.targets != 0).float()
     if stage == "align" and model.config.uses_experts:
@@ -110,8 +124,11 @@ def batch_loss(model: FedDMMR, batch: Batch, config: TrainConfig, stage: str, sl
             _, position_loss, _ = batch_loss(model, batch, config, "pretrain", None, generator)
         return loss, position_loss, {"align": float(loss.detach())}
     hidden = model.encode(batch.inputs)
-    shape = (len(batch.users), config.num_negatives) if config.loss == "ce" else \
-        (*batch.targets.shape, config.num_negatives)
+    shape = (
+        (len(batch.users), config.num_negatives)
+        if config.loss == "ce"
+        else (*batch.targets.shape, config.num_negatives)
+    )
     negatives = sample_negatives(batch.exclude, shape, generator)
     use_experts = stage == "finetune"
     out = model.train_logits(hidden, batch.targets, batch.target_positions, negatives, slots, use_experts)
@@ -127,13 +144,17 @@ def batch_loss(model: FedDMMR, batch: Batch, config: TrainConfig, stage: str, sl
                 index = index[pick]
             surprise = normalised_surprise(position_loss.detach(), real).flatten()[index]
             dim = out["vis"].shape[-1]
-            align = info_nce(out["vis"].reshape(-1, dim)[index], out["sem"].reshape(-1, dim)[index],
-                             config.temperature, 1.0 + config.surprise_alpha * surprise)
+            align = info_nce(
+                out["vis"].reshape(-1, dim)[index],
+                out["sem"].reshape(-1, dim)[index],
+                config.temperature,
+                1.0 + config.surprise_alpha * surprise,
+            )
             loss = loss + config.lambda_c * align
             parts["align"] = float(align.detach())
         if config.lambda_lb > 0:
             usage = out["weights"][real.bool()].mean(0)
-            balance = len(usage) * (usage ** 2).sum()
+            balance = len(usage) * (usage**2).sum()
             loss = loss + config.lambda_lb * balance
             parts["balance"] = float(balance.detach())
             parts["w_visual"] = float(usage[0].detach())
@@ -161,21 +182,29 @@ def train_epoch(
     totals: dict[str, float] = {}
     positions_seen, writes = 0.0, 0
     for start in range(0, len(users), config.batch_size):
-        batch = make_batch(data, users[start: start + config.batch_size], rows[start: start + config.batch_size],
-                           model.config.maxlen, device)
+        batch = make_batch(
+            data,
+            users[start : start + config.batch_size],
+            rows[start : start + config.batch_size],
+            model.config.maxlen,
+            device,
+        )
         slots = memory_slots(model, memory, batch.rows, prototypes, device) if stage == "finetune" else None
         loss, position_loss, parts = batch_loss(model, batch, config, stage, slots, generator)
         if extra_loss is not None:
             loss = loss + extra_loss()
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss ({float(loss)}) in stage {stage!r}: "
-                                     "lower the learning rate; the model was not updated")
+            raise FloatingPointError(
+                f"non-finite training loss ({float(loss)}) in stage {stage!r}: "
+                "lower the learning rate; the model was not updated"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if memory is not None:
-            writes += memory.write(batch.rows, batch.targets.cpu(), batch.target_positions.cpu(),
-                                   position_loss.cpu())["writes"]
+            writes += memory.write(batch.rows, batch.targets.cpu(), batch.target_positions.cpu(), position_loss.cpu())[
+                "writes"
+            ]
         weight = float((batch.targets != 0).sum())
         positions_seen += weight
         for key, value in {"loss": float(loss.detach()), **parts}.items():
@@ -185,15 +214,27 @@ def train_epoch(
 
 
 @torch.no_grad()
-def refresh_memory(model: FedDMMR, data: SequenceData, users: np.ndarray, rows: np.ndarray,
-                   memory: LocalDynamicMemory, config: TrainConfig, generator: torch.Generator | None = None,
-                   device: torch.device | str = "cpu") -> None:
+def refresh_memory(
+    model: FedDMMR,
+    data: SequenceData,
+    users: np.ndarray,
+    rows: np.ndarray,
+    memory: LocalDynamicMemory,
+    config: TrainConfig,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> None:
     """Fill memories from the training histories with the current model (no parameter update):
     for a client evaluated before it ever trained."""
     model.eval()
     for start in range(0, len(users), config.batch_size):
-        batch = make_batch(data, users[start: start + config.batch_size], rows[start: start + config.batch_size],
-                           model.config.maxlen, device)
+        batch = make_batch(
+            data,
+            users[start : start + config.batch_size],
+            rows[start : start + config.batch_size],
+            model.config.maxlen,
+            device,
+        )
         _, position_loss, _ = batch_loss(model, batch, config, "pretrain", None, generator)
         memory.write(batch.rows, batch.targets.cpu(), batch.target_positions.cpu(), position_loss.cpu())
 
@@ -204,8 +245,9 @@ def prototype_vectors(model: FedDMMR, items: torch.Tensor) -> torch.Tensor:
         return torch.cat([model.item_emb(items), model.txt_feat[items], model.vis_feat[items]], -1)
 
 
-def memory_prototypes(model: FedDMMR, memory: LocalDynamicMemory, row: int,
-                      config: PrototypeConfig) -> tuple[np.ndarray, np.ndarray]:
+def memory_prototypes(
+    model: FedDMMR, memory: LocalDynamicMemory, row: int, config: PrototypeConfig
+) -> tuple[np.ndarray, np.ndarray]:
     """A client's releasable prototypes: K-Means over its memory entries, utility-weighted."""
     items, utility = memory.entries(row)
     if len(items) == 0:
@@ -226,14 +268,19 @@ def central_prototypes(model: FedDMMR, memory: LocalDynamicMemory, config: Proto
     return torch.as_tensor(centroids, device=model.vis_feat.device) if len(centroids) else None
 
 
-def model_scorer(model: FedDMMR, memory: LocalDynamicMemory | None = None,
-                 rows_of: Callable[[np.ndarray], np.ndarray] | None = None,
-                 prototypes: torch.Tensor | None = None) -> Callable:
+def model_scorer(
+    model: FedDMMR,
+    memory: LocalDynamicMemory | None = None,
+    rows_of: Callable[[np.ndarray], np.ndarray] | None = None,
+    prototypes: torch.Tensor | None = None,
+) -> Callable:
     """Evaluation scorer: last-position state (+ experts over the user's memory) vs candidates."""
+
     def score(users: np.ndarray, inputs: torch.Tensor, candidates: torch.Tensor | None) -> torch.Tensor:
         rows = torch.as_tensor(rows_of(users) if rows_of else users)
         slots = memory_slots(model, memory, rows, prototypes, inputs.device)
         return model.score(model.encode(inputs)[:, -1], candidates, slots)
+
     return score
 
 
@@ -299,19 +346,31 @@ def train_central(
     model.to(device)
     valid_candidates = all_candidates(data, "valid", config.eval_negatives, config.eval_seed)
     users = np.arange(data.num_users)
-    result = CentralResult(config={**asdict(config), "schedule": str(schedule), "model": asdict(model.config),
-                                   "memory": asdict(memory.config) if memory else None,
-                                   "prototypes": asdict(proto_config), **(extra_config or {})})
-    best = {"ndcg": -1.0, "state": copy.deepcopy(model.state_dict()), "memory": copy.deepcopy(memory),
-            "prototypes": None}
+    result = CentralResult(
+        config={
+            **asdict(config),
+            "schedule": str(schedule),
+            "model": asdict(model.config),
+            "memory": asdict(memory.config) if memory else None,
+            "prototypes": asdict(proto_config),
+            **(extra_config or {}),
+        }
+    )
+    best = {
+        "ndcg": -1.0,
+        "state": copy.deepcopy(model.state_dict()),
+        "memory": copy.deepcopy(memory),
+        "prototypes": None,
+    }
     prototypes = None
     started = time.perf_counter()
     seconds_by_stage: dict[str, list[float]] = {}
     epoch = 0
     for segment in schedule.segments:
         stage, length = segment.stage, segment.num_rounds
-        optimizer = torch.optim.Adam(apply_stage(model, stage), lr=config.lr, betas=(0.9, 0.98),
-                                     weight_decay=config.weight_decay)
+        optimizer = torch.optim.Adam(
+            apply_stage(model, stage), lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay
+        )
         stale = 0
         for _ in range(length):
             epoch += 1
@@ -319,26 +378,42 @@ def train_central(
                 prototypes = central_prototypes(model, memory, proto_config)
             tick = time.perf_counter()
             order = rng.permutation(users)
-            stats = train_epoch(model, data, order, order, optimizer, config, stage, memory, prototypes,
-                                generator, device)
+            stats = train_epoch(
+                model, data, order, order, optimizer, config, stage, memory, prototypes, generator, device
+            )
             seconds = time.perf_counter() - tick
             seconds_by_stage.setdefault(stage, [0.0, 0.0])
             seconds_by_stage[stage][0] += seconds
             seconds_by_stage[stage][1] += stats["sequences"]
-            record = {"epoch": epoch, "stage": stage, "seconds": round(seconds, 3),
-                      **{k: round(v, 5) for k, v in stats.items() if isinstance(v, float)}}
+            record = {
+                "epoch": epoch,
+                "stage": stage,
+                "seconds": round(seconds, 3),
+                **{k: round(v, 5) for k, v in stats.items() if isinstance(v, float)},
+            }
             line = f"epoch {epoch}/{schedule.total_rounds} [{stage}] loss {stats['loss']:.4f}  {stats['sequences'] / seconds:.0f} seq/s"
             if epoch % config.eval_every == 0 or epoch == segment.last_round:
                 model.eval()
-                valid = evaluate(data, model_scorer(model, memory, None, prototypes), "valid",
-                                 maxlen=model.config.maxlen, protocols=("sampled",),
-                                 num_negatives=config.eval_negatives, seed=config.eval_seed,
-                                 candidates_cache=valid_candidates, device=device).metrics("sampled")
+                valid = evaluate(
+                    data,
+                    model_scorer(model, memory, None, prototypes),
+                    "valid",
+                    maxlen=model.config.maxlen,
+                    protocols=("sampled",),
+                    num_negatives=config.eval_negatives,
+                    seed=config.eval_seed,
+                    candidates_cache=valid_candidates,
+                    device=device,
+                ).metrics("sampled")
                 record["valid"] = {k: round(v, 5) for k, v in valid.items()}
                 line += f"  valid NDCG@10 {valid['NDCG@10']:.4f} HR@10 {valid['HR@10']:.4f}"
                 if valid["NDCG@10"] > best["ndcg"]:
-                    best = {"ndcg": valid["NDCG@10"], "state": copy.deepcopy(model.state_dict()),
-                            "memory": copy.deepcopy(memory), "prototypes": prototypes}
+                    best = {
+                        "ndcg": valid["NDCG@10"],
+                        "state": copy.deepcopy(model.state_dict()),
+                        "memory": copy.deepcopy(memory),
+                        "prototypes": prototypes,
+                    }
                     result.best_epoch, result.best_stage, result.best_valid = epoch, stage, record["valid"]
                     stale = 0
                     line += "  *"
@@ -354,34 +429,53 @@ def train_central(
     model.load_state_dict(best["state"])
     memory, prototypes = best["memory"], best["prototypes"]
     model.eval()
-    test = evaluate(data, model_scorer(model, memory, None, prototypes), "test", maxlen=model.config.maxlen,
-                    num_negatives=config.eval_negatives, seed=config.eval_seed, device=device)
+    test = evaluate(
+        data,
+        model_scorer(model, memory, None, prototypes),
+        "test",
+        maxlen=model.config.maxlen,
+        num_negatives=config.eval_negatives,
+        seed=config.eval_seed,
+        device=device,
+    )
     result.test = {p: {k: round(v, 5) for k, v in m.items()} for p, m in test.summary().items()}
     result.test_by_history_length = test.by_history_length(data)
     result.wall_time_s = round(time.perf_counter() - started, 2)
     result.train_sequences_per_s = {s: round(n / max(t, 1e-9), 1) for s, (t, n) in seconds_by_stage.items()}
     result.memory = memory.stats() if memory is not None else {}
-    log(f"best epoch {result.best_epoch} [{result.best_stage}]: test sampled NDCG@10 "
+    log(
+        f"best epoch {result.best_epoch} [{result.best_stage}]: test sampled NDCG@10 "
         f"{result.test['sampled']['NDCG@10']:.4f} HR@10 {result.test['sampled']['HR@10']:.4f} | full NDCG@10 "
-        f"{result.test['full']['NDCG@10']:.4f} HR@10 {result.test['full']['HR@10']:.4f}  ({result.wall_time_s:.0f} s)")
+        f"{result.test['full']['NDCG@10']:.4f} HR@10 {result.test['full']['HR@10']:.4f}  ({result.wall_time_s:.0f} s)"
+    )
     if out_dir is not None:
         save_checkpoint(Path(out_dir) / "best.pt", model, memory, prototypes, extra={"epoch": result.best_epoch})
         atomic_write_json(Path(out_dir) / "results.json", result_payload(result))
     return result
 
 
-def save_checkpoint(path: Path, model: FedDMMR, memory: LocalDynamicMemory | None = None,
-                    prototypes: torch.Tensor | None = None, extra: dict | None = None) -> None:
+def save_checkpoint(
+    path: Path,
+    model: FedDMMR,
+    memory: LocalDynamicMemory | None = None,
+    prototypes: torch.Tensor | None = None,
+    extra: dict | None = None,
+) -> None:
     """Atomic checkpoint: model config + state, optional memory bank and global prototypes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "model_config": asdict(model.config),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "memory": None if memory is None else {
+        "memory": None
+        if memory is None
+        else {
             "config": asdict(memory.config),
-            **{k: getattr(memory, k).clone() for k in ("item", "position", "freq", "last_write", "surprise",
-                                                       "step", "counters")}},
+            **{
+                k: getattr(memory, k).clone()
+                for k in ("item", "position", "freq", "last_write", "surprise", "step", "counters")
+            },
+        },
         "prototypes": None if prototypes is None else prototypes.detach().cpu(),
         **(extra or {}),
     }

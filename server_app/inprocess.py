@@ -19,8 +19,8 @@ import uuid
 from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.app import app as client_app
 from feddmmr_flower.config import ExperimentConfig
@@ -39,8 +39,13 @@ def wire(msg: Message) -> tuple[bytes, Message]:
 class InProcessGrid:
     def __init__(self, run_config: dict, num_nodes: int, tap: Tap | None = None, first_node_id: int = 1001) -> None:
         self.contexts = {
-            first_node_id + p: Context(run_id=1, node_id=first_node_id + p, state=RecordDict(), run_config=dict(run_config),
-                                       node_config={"partition-id": p, "num-partitions": num_nodes})
+            first_node_id + p: Context(
+                run_id=1,
+                node_id=first_node_id + p,
+                state=RecordDict(),
+                run_config=dict(run_config),
+                node_config={"partition-id": p, "num-partitions": num_nodes},
+            )
             for p in range(num_nodes)
         }
         self.tap = tap

@@ -61,9 +61,7 @@ def make_base_strategy(name: str, **kwargs: Any) -> FedAvg:
     """
     key = name.strip().lower()
     if key not in BASE_STRATEGIES:
-        raise ValueError(
-            f"Unknown base strategy {name!r}; choose one of: {', '.join(BASE_STRATEGIES)}"
-        )
+        raise ValueError(f"Unknown base strategy {name!r}; choose one of: {', '.join(BASE_STRATEGIES)}")
     cls = BASE_STRATEGIES[key]
     ok, dropped = accepted_kwargs(cls, kwargs)
     if dropped:

@@ -56,8 +56,9 @@ class CentralFixedClippingDP:
         self.population = 0  # connected nodes (set by the server loop before the first round)
         self.last: dict[str, float] = {}
 
-    def __call__(self, server_round: int, replies: list[Message], current: ArrayRecord,
-                 sample_size: int) -> list[Message]:
+    def __call__(
+        self, server_round: int, replies: list[Message], current: ArrayRecord, sample_size: int
+    ) -> list[Message]:
         if not replies:
             return replies
         names = list(current.keys())
@@ -74,16 +75,20 @@ class CentralFixedClippingDP:
         zero = ArrayRecord(dict(zip(names, map(Array, base))))
         padded = clipped + [_reply_like(replies[0], zero, 1.0) for _ in range(max(0, sample_size - len(clipped)))]
         wrapper = DifferentialPrivacyClientSideFixedClipping(
-            FedAvg(weighted_by_key=WEIGHT), self.noise_multiplier, self.clipping_norm, len(padded))
+            FedAvg(weighted_by_key=WEIGHT), self.noise_multiplier, self.clipping_norm, len(padded)
+        )
         mean, _ = wrapper.aggregate_train(server_round, padded)
         if mean is None:
             return []
         population = max(self.population, len(padded))
         self.accountant.compose(len(padded) / population, self.noise_multiplier)
-        self.last = {"dp-noise-std": compute_stdv(self.noise_multiplier, self.clipping_norm, len(padded)),
-                     "dp-server-clipped": float(server_clipped), "dp-zero-padded": float(len(padded) - len(clipped)),
-                     "dp-epsilon": self.accountant.epsilon(),
-                     "dp-epsilon-no-amplification": self.accountant.epsilon(amplified=False)}
+        self.last = {
+            "dp-noise-std": compute_stdv(self.noise_multiplier, self.clipping_norm, len(padded)),
+            "dp-server-clipped": float(server_clipped),
+            "dp-zero-padded": float(len(padded) - len(clipped)),
+            "dp-epsilon": self.accountant.epsilon(),
+            "dp-epsilon-no-amplification": self.accountant.epsilon(amplified=False),
+        }
         dtypes = {n: np.dtype(current[n].dtype) for n in names}
         out = ArrayRecord({n: Array(np.ascontiguousarray(mean[n].numpy(), dtype=dtypes[n])) for n in names})
         return [_reply_like(replies[0], out, float(sum(float(r.content["metrics"][WEIGHT]) for r in replies)))]
@@ -94,18 +99,20 @@ class CentralFixedClippingDP:
     def report(self) -> dict[str, Any]:
         q = [e[0] for e in self.accountant.events]
         return {
-            "dp-mode": "central-fixed", "clipping_norm": self.clipping_norm,
-            "noise_multiplier": self.noise_multiplier, "delta": self.accountant.delta,
+            "dp-mode": "central-fixed",
+            "clipping_norm": self.clipping_norm,
+            "noise_multiplier": self.noise_multiplier,
+            "delta": self.accountant.delta,
             "releases": self.accountant.releases,
             "sampling_rate": {"min": min(q), "max": max(q)} if q else None,
             "epsilon": round(self.accountant.epsilon(), 4),
             "epsilon_no_amplification": round(self.accountant.epsilon(amplified=False), 4),
             "accountant": "RDP of the Poisson-subsampled Gaussian mechanism (integer orders 2-512), q = sampled/"
-                          "connected nodes per round, composed over rounds, converted to (epsilon, delta) with "
-                          "Canonne-Kamath-Steinke 2020; Flower samples a fixed-size subset without replacement, "
-                          "for which Poisson amplification is the usual approximation. epsilon_no_amplification "
-                          "ignores sampling and holds for any sampling scheme. Client-level, add/remove one "
-                          "client, model arrays only (prototypes and metrics are not covered).",
+            "connected nodes per round, composed over rounds, converted to (epsilon, delta) with "
+            "Canonne-Kamath-Steinke 2020; Flower samples a fixed-size subset without replacement, "
+            "for which Poisson amplification is the usual approximation. epsilon_no_amplification "
+            "ignores sampling and holds for any sampling scheme. Client-level, add/remove one "
+            "client, model arrays only (prototypes and metrics are not covered).",
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -124,30 +131,39 @@ class LocalDPReport:
         self.noise_std = local_dp_noise_std(clipping_norm, epsilon, delta)
         self.releases: dict[int, int] = {}
 
-    def __call__(self, server_round: int, replies: list[Message], current: ArrayRecord,
-                 sample_size: int) -> list[Message]:
+    def __call__(
+        self, server_round: int, replies: list[Message], current: ArrayRecord, sample_size: int
+    ) -> list[Message]:
         for reply in replies:
             node = int(reply.metadata.src_node_id)
             self.releases[node] = self.releases.get(node, 0) + 1
         return replies
 
     def metrics(self) -> dict[str, float]:
-        return {"dp-noise-std": self.noise_std,
-                "dp-max-releases-per-node": float(max(self.releases.values(), default=0))}
+        return {
+            "dp-noise-std": self.noise_std,
+            "dp-max-releases-per-node": float(max(self.releases.values(), default=0)),
+        }
 
     def report(self) -> dict[str, Any]:
         most = max(self.releases.values(), default=0)
         return {
-            "dp-mode": "local", "clipping_norm": self.clipping_norm, "sensitivity": self.clipping_norm,
-            "epsilon_per_release": self.epsilon, "delta": self.delta, "noise_std": round(self.noise_std, 6),
+            "dp-mode": "local",
+            "clipping_norm": self.clipping_norm,
+            "sensitivity": self.clipping_norm,
+            "epsilon_per_release": self.epsilon,
+            "delta": self.delta,
+            "noise_std": round(self.noise_std, 6),
             "epsilon_per_release_rdp": round(local_dp_epsilon(self.clipping_norm, self.noise_std, self.delta, 1), 4),
             "max_releases_per_node": most,
-            "epsilon_composed_max_node": round(local_dp_epsilon(self.clipping_norm, self.noise_std, self.delta, most), 4),
+            "epsilon_composed_max_node": round(
+                local_dp_epsilon(self.clipping_norm, self.noise_std, self.delta, most), 4
+            ),
             "accountant": "LocalDpMod: sigma = C*sqrt(2 ln(1.25/delta))/epsilon per release (classic Gaussian "
-                          "mechanism, proven for epsilon < 1; epsilon_per_release_rdp is the RDP-derived epsilon of "
-                          "the same sigma). epsilon_composed_max_node: RDP composition over the releases of the "
-                          "node that released most often. Sensitivity = clipping norm (add/remove); "
-                          "model arrays only.",
+            "mechanism, proven for epsilon < 1; epsilon_per_release_rdp is the RDP-derived epsilon of "
+            "the same sigma). epsilon_composed_max_node: RDP composition over the releases of the "
+            "node that released most often. Sensitivity = clipping norm (add/remove); "
+            "model arrays only.",
         }
 
     def state_dict(self) -> dict[str, Any]:

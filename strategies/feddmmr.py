@@ -77,7 +77,8 @@ class _Candidate:
 
 
 def weighted_metrics(
-    records: list[MetricRecord], weight_key: str = "num-examples",
+    records: list[MetricRecord],
+    weight_key: str = "num-examples",
     exclude: Iterable[str] = ("partition-id",),
 ) -> MetricRecord:
     """Mean of each metric over the records that have it, weighted by ``weight_key``.
@@ -242,7 +243,10 @@ class FedDMMRStrategy(Strategy):
             self._base_key, self._base_step = key, 0
             logger.info(
                 "FedDMMR stage %r (rounds %d-%d): %d trainable arrays, fresh %s state",
-                segment.stage, segment.first_round, segment.last_round, len(names),
+                segment.stage,
+                segment.first_round,
+                segment.last_round,
+                len(names),
                 type(self.base).__name__,
             )
 
@@ -290,20 +294,28 @@ class FedDMMRStrategy(Strategy):
             cfg = sampled[0].content.config_records.get("config", cfg)
         content = self._wire(RecordDict({"arrays": arrays, "prototypes": self.prototype_record(), "config": cfg}))
         self._sent = [
-            Message(content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type)
-            for m in sampled
+            Message(content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type) for m in sampled
         ]
         return self._sent
 
     # --------------------------------------------------------------- aggregate
-    def _record(self, table: dict[int, list[dict[str, Any]]], server_round: int,
-                node_id: int, partition_id: int | None, reason: str, what: str) -> None:
-        table.setdefault(server_round, []).append(
-            {"node_id": node_id, "partition_id": partition_id, "reason": reason}
-        )
+    def _record(
+        self,
+        table: dict[int, list[dict[str, Any]]],
+        server_round: int,
+        node_id: int,
+        partition_id: int | None,
+        reason: str,
+        what: str,
+    ) -> None:
+        table.setdefault(server_round, []).append({"node_id": node_id, "partition_id": partition_id, "reason": reason})
         logger.warning(
             "Round %d: %s reply from node %d (partition-id %s): %s",
-            server_round, what, node_id, partition_id, reason,
+            server_round,
+            what,
+            node_id,
+            partition_id,
+            reason,
         )
 
     def _check_reply(
@@ -330,9 +342,10 @@ class FedDMMRStrategy(Strategy):
         got, want = set(arrays.keys()), set(self._names)
         if got != want:
             missing, extra = sorted(want - got), sorted(got - want)
-            return None, pid, (
-                f"unexpected key set: {len(missing)} missing {missing[:5]}, "
-                f"{len(extra)} unexpected {extra[:5]}"
+            return (
+                None,
+                pid,
+                (f"unexpected key set: {len(missing)} missing {missing[:5]}, {len(extra)} unexpected {extra[:5]}"),
             )
         sq = 0.0
         for name in self._names:
@@ -362,9 +375,7 @@ class FedDMMRStrategy(Strategy):
         replies = list(replies)
         self.rejected[server_round], self.failed[server_round] = [], []
         # Error replies may carry the SuperLink as source: map them back via our message ids.
-        sent_to = {
-            m.metadata.message_id: m.metadata.dst_node_id for m in self._sent if m.metadata.message_id
-        }
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent if m.metadata.message_id}
         answered = {m.metadata.reply_to_message_id for m in replies}
         global_np = {n: from_array(self._global[n]).astype(np.float64) for n in self._names}
 
@@ -372,8 +383,14 @@ class FedDMMRStrategy(Strategy):
         for msg in replies:
             node = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             if msg.has_error():
-                self._record(self.failed, server_round, node, self.partition_of.get(node),
-                             f"error reply (code {msg.error.code}): {msg.error.reason}", "failed")
+                self._record(
+                    self.failed,
+                    server_round,
+                    node,
+                    self.partition_of.get(node),
+                    f"error reply (code {msg.error.code}): {msg.error.reason}",
+                    "failed",
+                )
                 continue
             try:  # packed or not, read once: the checks and the base use these numpy arrays
                 arrays = read_arrays(msg.content) if "arrays" in msg.content.array_records else None
@@ -387,8 +404,14 @@ class FedDMMRStrategy(Strategy):
                 candidates.append(cand)
         for mid, node in sent_to.items():
             if mid not in answered:
-                self._record(self.failed, server_round, node, self.partition_of.get(node),
-                             "no reply before the timeout", "failed")
+                self._record(
+                    self.failed,
+                    server_round,
+                    node,
+                    self.partition_of.get(node),
+                    "no reply before the timeout",
+                    "failed",
+                )
 
         # Replies arrive in any order; aggregate in partition order so that a deployment and a
         # simulation of the same run compute the same sums (and the same prototype clustering).
@@ -433,8 +456,7 @@ class FedDMMRStrategy(Strategy):
         keep = []
         for c in cands:
             if c.update_norm >= limit:
-                reason = (f"update norm {c.update_norm:.4g} >= "
-                          f"{self.norm_outlier_factor:g} x median {median:.4g}")
+                reason = f"update norm {c.update_norm:.4g} >= {self.norm_outlier_factor:g} x median {median:.4g}"
                 self._record(self.rejected, server_round, c.node_id, c.partition_id, reason, "rejected")
             else:
                 keep.append(c)
@@ -481,14 +503,24 @@ class FedDMMRStrategy(Strategy):
         if not with_protos:
             return
         res = aggregate_prototypes(
-            self.prototypes, [c.prototypes for c in with_protos],  # type: ignore[misc]
-            num_prototypes=self.num_prototypes, ema=self.prototype_ema,
-            metric=self.prototype_metric, seed=self.prototype_seed, dim=self.prototype_dim,
+            self.prototypes,
+            [c.prototypes for c in with_protos],  # type: ignore[misc]
+            num_prototypes=self.num_prototypes,
+            ema=self.prototype_ema,
+            metric=self.prototype_metric,
+            seed=self.prototype_seed,
+            dim=self.prototype_dim,
         )
         for i, reason in res.rejected:
             c = with_protos[i]
-            self._record(self.prototype_rejected, server_round, c.node_id, c.partition_id,
-                         f"prototypes ignored: {reason}", "partly used")
+            self._record(
+                self.prototype_rejected,
+                server_round,
+                c.node_id,
+                c.partition_id,
+                f"prototypes ignored: {reason}",
+                "partly used",
+            )
         if res.prototypes is not None:
             self.prototypes = res.prototypes
 
@@ -498,7 +530,10 @@ class FedDMMRStrategy(Strategy):
         return server_round % self.evaluate_every == 0 or server_round == seg.last_round
 
     def _evaluate_messages(
-        self, node_ids: Iterable[int], arrays: ArrayRecord, cfg: ConfigRecord,
+        self,
+        node_ids: Iterable[int],
+        arrays: ArrayRecord,
+        cfg: ConfigRecord,
         prototypes: np.ndarray | None = None,
     ) -> list[Message]:
         protos = self.prototype_record(prototypes)
@@ -523,8 +558,11 @@ class FedDMMRStrategy(Strategy):
             connected = set(grid.get_node_ids())
             nodes = [n for n in self.evaluate_node_ids if n in connected]
             if len(nodes) < len(self.evaluate_node_ids):
-                logger.warning("Round %d: %d of the fixed evaluation nodes are not connected",
-                               server_round, len(self.evaluate_node_ids) - len(nodes))
+                logger.warning(
+                    "Round %d: %d of the fixed evaluation nodes are not connected",
+                    server_round,
+                    len(self.evaluate_node_ids) - len(nodes),
+                )
         else:
             sampled = self.base.configure_evaluate(server_round, arrays, cfg, grid)
             nodes = [m.metadata.dst_node_id for m in sampled]
@@ -537,8 +575,9 @@ class FedDMMRStrategy(Strategy):
             if msg.has_error() or not msg.content.metric_records:
                 failed += 1
                 reason = msg.error.reason if msg.has_error() else "no metrics"
-                logger.warning("Round %d: evaluation reply from node %d failed: %s",
-                               server_round, msg.metadata.src_node_id, reason)
+                logger.warning(
+                    "Round %d: evaluation reply from node %d failed: %s", server_round, msg.metadata.src_node_id, reason
+                )
                 continue
             records = msg.content.metric_records
             rec = records.get("metrics") or next(iter(records.values()))
@@ -563,9 +602,15 @@ class FedDMMRStrategy(Strategy):
         return metrics
 
     def evaluate_all(
-        self, grid: Grid, arrays: ArrayRecord, *, split: str = "test",
-        prototypes: np.ndarray | None = None, node_ids: Iterable[int] | None = None,
-        config: Mapping[str, Any] | None = None, timeout: float = 3600,
+        self,
+        grid: Grid,
+        arrays: ArrayRecord,
+        *,
+        split: str = "test",
+        prototypes: np.ndarray | None = None,
+        node_ids: Iterable[int] | None = None,
+        config: Mapping[str, Any] | None = None,
+        timeout: float = 3600,
     ) -> MetricRecord | None:
         """One federated evaluation outside ``start()`` (e.g. test split, best model, all nodes)."""
         cfg = ConfigRecord({**dict(config or {}), "split": split})
@@ -578,9 +623,15 @@ class FedDMMRStrategy(Strategy):
     def checkpoint_state(self) -> dict[str, Any]:
         """What a resumed run needs: server-optimiser state, prototypes, best model (picklable)."""
         privacy = getattr(self.pre_aggregate, "state_dict", None)
-        return {"base": self.base, "base_key": self._base_key, "base_step": self._base_step,
-                "prototypes": self.prototypes, "best": self.best, "privacy": privacy() if privacy else None,
-                "partition_of": dict(self.partition_of)}  # so a node that dies before replying is named
+        return {
+            "base": self.base,
+            "base_key": self._base_key,
+            "base_step": self._base_step,
+            "prototypes": self.prototypes,
+            "best": self.best,
+            "privacy": privacy() if privacy else None,
+            "partition_of": dict(self.partition_of),
+        }  # so a node that dies before replying is named
 
     def restore_state(self, state: Mapping[str, Any]) -> None:
         self.base, self._base_key, self._base_step = state["base"], state["base_key"], state["base_step"]
@@ -591,12 +642,24 @@ class FedDMMRStrategy(Strategy):
 
     def summary(self) -> None:
         """Log the FedDMMR settings, then the base strategy's."""
-        logger.info("\t├──> FedDMMR: stages %s (%d rounds), base %s", self.schedule,
-                    self.schedule.total_rounds, type(self._template).__name__)
-        logger.info("\t│\t├── prototypes: K=%d, ema=%g, metric=%s, seed=%d", self.num_prototypes,
-                    self.prototype_ema, self.prototype_metric, self.prototype_seed)
+        logger.info(
+            "\t├──> FedDMMR: stages %s (%d rounds), base %s",
+            self.schedule,
+            self.schedule.total_rounds,
+            type(self._template).__name__,
+        )
+        logger.info(
+            "\t│\t├── prototypes: K=%d, ema=%g, metric=%s, seed=%d",
+            self.num_prototypes,
+            self.prototype_ema,
+            self.prototype_metric,
+            self.prototype_seed,
+        )
         fixed = self.evaluate_node_ids
-        logger.info("\t│\t└── norm outlier factor: %s, evaluate every %d round(s) on %s",
-                    self.norm_outlier_factor, self.evaluate_every,
-                    "sampled nodes" if fixed is None else f"{len(fixed)} fixed nodes")
+        logger.info(
+            "\t│\t└── norm outlier factor: %s, evaluate every %d round(s) on %s",
+            self.norm_outlier_factor,
+            self.evaluate_every,
+            "sampled nodes" if fixed is None else f"{len(fixed)} fixed nodes",
+        )
         self.base.summary()

@@ -111,16 +111,20 @@ class _CheckedGrid:
         if shapes != self.shapes:
             return f"wrong shapes of the masked update: {shapes[:3]} ..."
         if "centroids" in extras:
-            reason = validate_client(bytes_to_ndarray(extras["centroids"]), bytes_to_ndarray(extras["sizes"]),
-                                     self.prototype_dim)
+            reason = validate_client(
+                bytes_to_ndarray(extras["centroids"]), bytes_to_ndarray(extras["sizes"]), self.prototype_dim
+            )
             if reason is not None:
                 return f"prototypes: {reason}"
         return None
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        collect = [m for m in messages
-                   if m.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS]
+        collect = [
+            m
+            for m in messages
+            if m.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS
+        ]
         for m in collect:  # the workflow's content is the legacy FitIns placeholder: use ours
             secagg = m.content.config_records[RECORD_KEY_CONFIGS]
             content = RecordDict(dict(self.contents[m.metadata.dst_node_id].items()))
@@ -148,34 +152,56 @@ class _CheckedGrid:
 class SecAggPlusAggregation:
     """One SecAgg+ round for a ``FedDMMRStrategy``; parameters as ``SecAggPlusWorkflow``'s."""
 
-    def __init__(self, num_shares: int, reconstruction_threshold: int, clipping_range: float,
-                 max_weight: float, quantization_range: int = 2**22, timeout: float | None = None) -> None:
-        self.workflow = SecAggPlusWorkflow(num_shares, reconstruction_threshold, max_weight=max_weight,
-                                           clipping_range=clipping_range, quantization_range=quantization_range,
-                                           timeout=timeout)
+    def __init__(
+        self,
+        num_shares: int,
+        reconstruction_threshold: int,
+        clipping_range: float,
+        max_weight: float,
+        quantization_range: int = 2**22,
+        timeout: float | None = None,
+    ) -> None:
+        self.workflow = SecAggPlusWorkflow(
+            num_shares,
+            reconstruction_threshold,
+            max_weight=max_weight,
+            clipping_range=clipping_range,
+            quantization_range=quantization_range,
+            timeout=timeout,
+        )
         self.max_weight = max_weight
 
-    def train_round(self, strategy: FedDMMRStrategy, server_round: int, arrays: ArrayRecord,
-                    config: ConfigRecord, grid: Grid) -> tuple[ArrayRecord, MetricRecord]:
+    def train_round(
+        self, strategy: FedDMMRStrategy, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> tuple[ArrayRecord, MetricRecord]:
         """configure_train -> SecAgg+ -> base strategy on the mean -> (full model, train metrics)."""
         messages = list(strategy.configure_train(server_round, arrays, config, grid))
         names = list(strategy._names)
-        checked = _CheckedGrid(grid, {m.metadata.dst_node_id: m.content for m in messages}, names,
-                               [tuple(arrays[n].shape) for n in names], self.max_weight, strategy.prototype_dim)
+        checked = _CheckedGrid(
+            grid,
+            {m.metadata.dst_node_id: m.content for m in messages},
+            names,
+            [tuple(arrays[n].shape) for n in names],
+            self.max_weight,
+            strategy.prototype_dim,
+        )
         shim = _Shim([m.metadata.dst_node_id for m in messages])
-        context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
-                                strategy=shim)  # type: ignore[arg-type]
+        context = LegacyContext(
+            Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}), strategy=shim
+        )  # type: ignore[arg-type]
         context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
         context.state[MAIN_PARAMS_RECORD] = ArrayRecord()
         if len(messages) >= 2:
             self.workflow(checked, context)  # type: ignore[arg-type]
         else:
-            logger.warning("Round %d: SecAgg+ needs >= 2 sampled nodes, got %d; round skipped",
-                           server_round, len(messages))
+            logger.warning(
+                "Round %d: SecAgg+ needs >= 2 sampled nodes, got %d; round skipped", server_round, len(messages)
+            )
         return self._aggregate(strategy, server_round, shim, checked, messages)
 
-    def _aggregate(self, strategy: FedDMMRStrategy, server_round: int, shim: _Shim, checked: _CheckedGrid,
-                   messages: list[Message]) -> tuple[ArrayRecord, MetricRecord]:
+    def _aggregate(
+        self, strategy: FedDMMRStrategy, server_round: int, shim: _Shim, checked: _CheckedGrid, messages: list[Message]
+    ) -> tuple[ArrayRecord, MetricRecord]:
         strategy.rejected[server_round], strategy.failed[server_round] = [], []
         global_arrays = strategy._global
         assert global_arrays is not None
@@ -189,8 +215,18 @@ class SecAggPlusAggregation:
             protos = None
             if "centroids" in extras:
                 protos = (bytes_to_ndarray(extras["centroids"]), bytes_to_ndarray(extras["sizes"]))
-            candidates.append(_Candidate(reply, node, strategy.partition_of.get(node), float(metrics["num-examples"]),
-                                         {}, metrics, math.nan, protos))
+            candidates.append(
+                _Candidate(
+                    reply,
+                    node,
+                    strategy.partition_of.get(node),
+                    float(metrics["num-examples"]),
+                    {},
+                    metrics,
+                    math.nan,
+                    protos,
+                )
+            )
         for node, (reason, pid) in checked.rejected.items():
             if pid is not None:
                 strategy.partition_of[node] = pid
@@ -206,15 +242,23 @@ class SecAggPlusAggregation:
         if shim.mean is not None and checked.replies:
             names = strategy._names
             if len(shim.mean) != len(names) or not all(np.isfinite(a).all() for a in shim.mean):
-                logger.error("Round %d: SecAgg+ result unusable (shape or non-finite); global model unchanged",
-                             server_round)
+                logger.error(
+                    "Round %d: SecAgg+ result unusable (shape or non-finite); global model unchanged", server_round
+                )
             else:
                 mean = {n: global_arrays[n].numpy().astype(np.float64) + d for n, d in zip(names, shim.mean)}
                 weight = float(sum(c.num_examples for c in candidates))
                 reply = candidates[0].msg
-                pre = _Candidate(reply, candidates[0].node_id, None, weight,
-                                 {n: v.astype(np.float32) for n, v in mean.items()},
-                                 MetricRecord({strategy.weighted_by_key: weight}), math.nan, None)
+                pre = _Candidate(
+                    reply,
+                    candidates[0].node_id,
+                    None,
+                    weight,
+                    {n: v.astype(np.float32) for n, v in mean.items()},
+                    MetricRecord({strategy.weighted_by_key: weight}),
+                    math.nan,
+                    None,
+                )
                 hook, strategy.pre_aggregate = strategy.pre_aggregate, None  # DP is the clients' (local) here
                 try:
                     aggregated = strategy._base_aggregate(server_round, [pre])

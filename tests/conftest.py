@@ -57,10 +57,25 @@ def write_ml100k(folder: Path, ratings: list[tuple[int, int, int, int]], titles:
 # 4 users: 1 -> 6 ratings, 2 -> 5, 3 -> 3 (dropped at min_seq_len=5), 4 -> 5. Item 99 is rated
 # only by user 3, so it must not get an id when user 3 is dropped.
 TINY_RATINGS = [
-    (1, 10, 5, 100), (1, 20, 4, 101), (2, 10, 3, 50), (1, 30, 3, 102), (3, 99, 1, 10),
-    (2, 40, 2, 51), (1, 40, 5, 103), (2, 20, 5, 52), (3, 10, 4, 11), (1, 50, 1, 104),
-    (2, 50, 4, 53), (1, 60, 2, 105), (3, 20, 5, 12), (2, 60, 1, 54), (4, 50, 5, 10),
-    (4, 30, 4, 7), (4, 60, 1, 9), (4, 20, 3, 8), (4, 10, 2, 9),
+    (1, 10, 5, 100),
+    (1, 20, 4, 101),
+    (2, 10, 3, 50),
+    (1, 30, 3, 102),
+    (3, 99, 1, 10),
+    (2, 40, 2, 51),
+    (1, 40, 5, 103),
+    (2, 20, 5, 52),
+    (3, 10, 4, 11),
+    (1, 50, 1, 104),
+    (2, 50, 4, 53),
+    (1, 60, 2, 105),
+    (3, 20, 5, 12),
+    (2, 60, 1, 54),
+    (4, 50, 5, 10),
+    (4, 30, 4, 7),
+    (4, 60, 1, 9),
+    (4, 20, 3, 8),
+    (4, 10, 2, 9),
 ]
 # After preparing with min_seq_len=5 (raw item r -> id r // 10; user 4 has a timestamp tie
 # 60@9 / 10@9 that file order breaks): users '1', '2', '4' with these sequences.
@@ -100,12 +115,15 @@ def tiny_sequences() -> dict[str, list[int]]:
 @pytest.fixture
 def ml100k_zip(tmp_path: Path, tiny_ml100k: Path) -> tuple[Path, str]:
     """A GroupLens-like ``ml-100k.zip`` (folder ml-100k/ with u.data, u.item, README)."""
-    return build_zip(tmp_path / "ml-100k.zip", {
-        "ml-100k/": b"",
-        "ml-100k/u.data": (tiny_ml100k / "u.data").read_bytes(),
-        "ml-100k/u.item": (tiny_ml100k / "u.item").read_bytes(),
-        "ml-100k/README": b"tiny test archive\n",
-    })
+    return build_zip(
+        tmp_path / "ml-100k.zip",
+        {
+            "ml-100k/": b"",
+            "ml-100k/u.data": (tiny_ml100k / "u.data").read_bytes(),
+            "ml-100k/u.item": (tiny_ml100k / "u.item").read_bytes(),
+            "ml-100k/README": b"tiny test archive\n",
+        },
+    )
 
 
 def synthetic_ml100k(folder: Path, users: int = 20, items: int = 80, per_user: int = 25) -> Path:
@@ -125,21 +143,25 @@ def small_ml100k(tmp_path: Path) -> Path:
     return synthetic_ml100k(tmp_path / "small-ml100k")
 
 
-def distinct_item_data(num_users: int = 6, num_items: int = 30, seed: int = 0, min_len: int = 8,
-                       max_len: int = 14):
+def distinct_item_data(num_users: int = 6, num_items: int = 30, seed: int = 0, min_len: int = 8, max_len: int = 14):
     """A SequenceData whose users have *distinct* items (no repeats), lengths in [min_len, max_len]."""
     from feddmmr_flower.data.sequences import SequenceData
 
     rng = np.random.default_rng(seed)
-    seqs = [rng.choice(np.arange(1, num_items + 1), size=int(rng.integers(min_len, max_len + 1)), replace=False)
-            for _ in range(num_users)]
+    seqs = [
+        rng.choice(np.arange(1, num_items + 1), size=int(rng.integers(min_len, max_len + 1)), replace=False)
+        for _ in range(num_users)
+    ]
     items = np.concatenate(seqs).astype(np.int32)
     ids = np.array([""] + [f"i{i}" for i in range(1, num_items + 1)])
     return SequenceData(
-        items=items, timestamps=np.arange(len(items), dtype=np.int64),
+        items=items,
+        timestamps=np.arange(len(items), dtype=np.int64),
         offsets=np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64),
-        user_raw_ids=np.array([f"u{u}" for u in range(num_users)]), item_raw_ids=ids,
-        item_titles=ids.copy(), item_genres=np.array([""] * (num_items + 1)),
+        user_raw_ids=np.array([f"u{u}" for u in range(num_users)]),
+        item_raw_ids=ids,
+        item_titles=ids.copy(),
+        item_genres=np.array([""] * (num_items + 1)),
     )
 
 

@@ -38,8 +38,14 @@ class Deployment:
 
     def start(self, name: str, host, argv: list[str]) -> subprocess.Popen:
         log = (self.root / "logs" / f"{name}.log").open("ab")
-        proc = subprocess.Popen(host.command(argv), env=self.env(name), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=self.root)
+        proc = subprocess.Popen(
+            host.command(argv),
+            env=self.env(name),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.root,
+        )
         self.procs[name] = proc
         return proc
 
@@ -48,39 +54,74 @@ class Deployment:
 
     def start_superlink(self) -> None:
         link = self.certs.superlink
-        self.start("superlink", self.link, [
-            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(link / "ca.crt"),
-            "--ssl-certfile", str(link / "server.pem"), "--ssl-keyfile", str(link / "server.key"),
-            "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-            "--host", self.link.address, "--port", str(self.port), "--database", str(self.root / "link-state.db"),
-        ])
+        self.start(
+            "superlink",
+            self.link,
+            [
+                str(BIN / "flower-superlink"),
+                "--ssl-ca-certfile",
+                str(link / "ca.crt"),
+                "--ssl-certfile",
+                str(link / "server.pem"),
+                "--ssl-keyfile",
+                str(link / "server.key"),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                self.link.address,
+                "--port",
+                str(self.port),
+                "--database",
+                str(self.root / "link-state.db"),
+            ],
+        )
         wait_for_line(self.log("superlink"), "Uvicorn running", timeout=60)
         home = self.root / "homes" / "cli"
         home.mkdir(parents=True, exist_ok=True)
         (home / "config.toml").write_text(
             '[superlink]\ndefault = "deployment"\n\n[superlink.deployment]\n'
-            f'address = "{self.link.address}:{self.port}"\nroot-certificates = "{self.certs.ca / "ca.crt"}"\n')
+            f'address = "{self.link.address}:{self.port}"\nroot-certificates = "{self.certs.ca / "ca.crt"}"\n'
+        )
 
     def cli_run(self, argv: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-        return subprocess.run(self.cli.command(argv), env=self.env("cli"), cwd=cwd, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            self.cli.command(argv), env=self.env("cli"), cwd=cwd, capture_output=True, text=True, timeout=timeout
+        )
 
     def register_nodes(self) -> None:
         for node_dir in self.certs.nodes:
-            done = self.cli_run([str(BIN / "flwr"), "supernode", "register", str(node_dir / "node.pub"),
-                                 "deployment"], cwd=self.root, timeout=60)
+            done = self.cli_run(
+                [str(BIN / "flwr"), "supernode", "register", str(node_dir / "node.pub"), "deployment"],
+                cwd=self.root,
+                timeout=60,
+            )
             assert done.returncode == 0, done.stdout + done.stderr
 
     def start_node(self, i: int) -> None:
         keys, disk = self.certs.nodes[i], self.root / f"node{i}"
-        node_config = (f"partition-id={i} num-partitions={self.num_nodes} data-dir='{disk / 'data'}' "
-                       f"cache-dir='{disk / 'cache'}' state-dir='{disk / 'state'}'")
-        self.start(f"node{i}", self.nodes[i], [
-            str(BIN / "flower-supernode"), "--root-certificates", str(keys / "ca.crt"),
-            "--superlink", f"{self.link.address}:{self.port}",
-            "--auth-supernode-private-key", str(keys / "node.key"), "--node-config", node_config,
-            "--host", "127.0.0.1", "--port", str(free_port()),
-        ])
+        node_config = (
+            f"partition-id={i} num-partitions={self.num_nodes} data-dir='{disk / 'data'}' "
+            f"cache-dir='{disk / 'cache'}' state-dir='{disk / 'state'}'"
+        )
+        self.start(
+            f"node{i}",
+            self.nodes[i],
+            [
+                str(BIN / "flower-supernode"),
+                "--root-certificates",
+                str(keys / "ca.crt"),
+                "--superlink",
+                f"{self.link.address}:{self.port}",
+                "--auth-supernode-private-key",
+                str(keys / "node.key"),
+                "--node-config",
+                node_config,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(free_port()),
+            ],
+        )
 
     def stop(self, name: str, sig: int) -> None:
         proc = self.procs[name]

@@ -40,15 +40,17 @@ def copy_app(dst: Path) -> Path:
 
 def flwr_env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        "PYTHONUNBUFFERED": "1",
-        "RAY_DEDUP_LOGS": "0",
-    })
+    env.update(
+        {
+            "FLWR_HOME": str(home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            "PYTHONUNBUFFERED": "1",
+            "RAY_DEDUP_LOGS": "0",
+        }
+    )
     return env
 
 
@@ -122,11 +124,26 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def flwr_run(app: Path, home: Path, run_config: dict, federation_config: str, timeout: float = 600,
-             extra_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def flwr_run(
+    app: Path,
+    home: Path,
+    run_config: dict,
+    federation_config: str,
+    timeout: float = 600,
+    extra_args: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess:
     """``flwr run . --stream`` in ``app``; always cleans up the SuperLink it started."""
-    cmd = [str(BIN / "flwr"), "run", ".", *extra_args, "--stream", "--federation-config", federation_config,
-           "--run-config", run_config_arg(run_config)]
+    cmd = [
+        str(BIN / "flwr"),
+        "run",
+        ".",
+        *extra_args,
+        "--stream",
+        "--federation-config",
+        federation_config,
+        "--run-config",
+        run_config_arg(run_config),
+    ]
     try:
         return subprocess.run(cmd, cwd=app, env=flwr_env(home), capture_output=True, text=True, timeout=timeout)
     finally:

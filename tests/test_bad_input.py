@@ -24,8 +24,26 @@ from feddmmr_flower.errors import FedDMMRError
 
 from .conftest import synthetic_ml100k
 
-TINY_MODEL = ["--hidden", "8", "--maxlen", "20", "--negatives", "10", "--eval-negatives", "10", "--blocks", "1",
-              "--variant", "sasrec", "--eval-every", "1", "--patience", "1", "--threads", "1"]
+TINY_MODEL = [
+    "--hidden",
+    "8",
+    "--maxlen",
+    "20",
+    "--negatives",
+    "10",
+    "--eval-negatives",
+    "10",
+    "--blocks",
+    "1",
+    "--variant",
+    "sasrec",
+    "--eval-every",
+    "1",
+    "--patience",
+    "1",
+    "--threads",
+    "1",
+]
 
 
 class Setup:
@@ -47,8 +65,9 @@ class Setup:
 
     def checkpoint(self, name: str = "best.pt") -> Path:
         """A real checkpoint (1 epoch) written to a folder the checks below do not look at."""
-        done = cli.main(["train-central", *self.data_args(), *TINY_MODEL, "--epochs", "1",
-                         "--out", str(self.root / "good")])
+        done = cli.main(
+            ["train-central", *self.data_args(), *TINY_MODEL, "--epochs", "1", "--out", str(self.root / "good")]
+        )
         assert done == 0
         return self.root / "good" / name
 
@@ -131,14 +150,21 @@ CASES: list[Case] = [
     ("schedule-no-rounds", lambda s: s.train("--stage-schedule", "pretrain:0"), ("no rounds",)),
     ("unknown-variant", lambda s: s.train("--variant", "huge"), ("variant", "huge")),
     ("init-from-missing", lambda s: s.train("--init-from", str(s.root / "absent.pt")), ("init-from", "absent.pt")),
-    ("init-from-not-a-checkpoint",
-     lambda s: (s.root / "junk.pt").write_bytes(b"junk") and s.train("--init-from", str(s.root / "junk.pt")),
-     ("init-from", "junk.pt")),
-    ("init-from-other-model", lambda s: s.train("--init-from", str(s.checkpoint()), "--hidden", "16"),
-     ("init-from", "does not fit")),
-    ("output-dir-unwritable",
-     lambda s: (s.root / "afile").write_text("x") and s.train("--out", str(s.root / "afile" / "run")),
-     ("afile",)),
+    (
+        "init-from-not-a-checkpoint",
+        lambda s: (s.root / "junk.pt").write_bytes(b"junk") and s.train("--init-from", str(s.root / "junk.pt")),
+        ("init-from", "junk.pt"),
+    ),
+    (
+        "init-from-other-model",
+        lambda s: s.train("--init-from", str(s.checkpoint()), "--hidden", "16"),
+        ("init-from", "does not fit"),
+    ),
+    (
+        "output-dir-unwritable",
+        lambda s: (s.root / "afile").write_text("x") and s.train("--out", str(s.root / "afile" / "run")),
+        ("afile",),
+    ),
 ]
 
 
@@ -158,8 +184,14 @@ def _debris(*folders: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("name, make, words", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture, name: str,
-                                 make: Callable[[Setup], list[str]], words: tuple[str, ...], one_torch_thread) -> None:
+def test_bad_input_fails_cleanly(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    name: str,
+    make: Callable[[Setup], list[str]],
+    words: tuple[str, ...],
+    one_torch_thread,
+) -> None:
     setup = Setup(tmp_path)
     argv = make(setup)
     capsys.readouterr()
@@ -177,10 +209,24 @@ def test_bad_input_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture, 
 
 def test_console_script_exit_code_and_one_line(tmp_path: Path) -> None:
     """The installed ``feddmmr`` command, as a person runs it."""
-    done = subprocess.run([str(Path(sys.executable).parent / "feddmmr"), "prepare", "--dataset", "ml-100k",
-                           "--data-dir", str(tmp_path / "empty"), "--download-url", (tmp_path / "no.zip").as_uri(),
-                           "--cache-dir", str(tmp_path / "cache")],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "feddmmr"),
+            "prepare",
+            "--dataset",
+            "ml-100k",
+            "--data-dir",
+            str(tmp_path / "empty"),
+            "--download-url",
+            (tmp_path / "no.zip").as_uri(),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert done.returncode == 2
     lines = _lines(done.stderr)
     assert len(lines) == 1 and lines[0].startswith("feddmmr: error: ") and "no.zip" in lines[0], done.stderr
@@ -209,9 +255,16 @@ def test_resume_from_missing_checkpoint_creates_nothing(tmp_path: Path, one_torc
     from server_app.federation import FederatedRun
 
     data = synthetic_ml100k(tmp_path / "ml-100k")
-    cfg = ExperimentConfig.from_flat({"data-dir": str(data), "cache-dir": str(tmp_path / "cache"),
-                                      "output-dir": str(tmp_path / "outputs"), "hidden": 8, "maxlen": 20,
-                                      "resume-from": str(tmp_path / "outputs" / "gone")})
+    cfg = ExperimentConfig.from_flat(
+        {
+            "data-dir": str(data),
+            "cache-dir": str(tmp_path / "cache"),
+            "output-dir": str(tmp_path / "outputs"),
+            "hidden": 8,
+            "maxlen": 20,
+            "resume-from": str(tmp_path / "outputs" / "gone"),
+        }
+    )
     with pytest.raises(FedDMMRError, match="resume-from: no checkpoint at .*gone") as info:
         FederatedRun(None, cfg)  # type: ignore[arg-type]
     assert "\n" not in str(info.value)

@@ -19,9 +19,26 @@ from .conftest import synthetic_ml100k
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TINY = ["--set", 'stage-schedule="pretrain:2,align:1,finetune:1"', "--set", "hidden=16", "--set", "maxlen=20",
-        "--set", "eval-every=1", "--set", "eval-users=3", "--set", "visual-features=false",
-        "--set", 'descriptions=""', "--set", "negatives=10", "--set", "eval-negatives=10"]
+TINY = [
+    "--set",
+    'stage-schedule="pretrain:2,align:1,finetune:1"',
+    "--set",
+    "hidden=16",
+    "--set",
+    "maxlen=20",
+    "--set",
+    "eval-every=1",
+    "--set",
+    "eval-users=3",
+    "--set",
+    "visual-features=false",
+    "--set",
+    'descriptions=""',
+    "--set",
+    "negatives=10",
+    "--set",
+    "eval-negatives=10",
+]
 
 
 def test_history_buckets_cover_every_user_once():
@@ -37,8 +54,23 @@ def test_quality_table_runs_every_kind_of_row_and_aggregates_over_seeds(tmp_path
     data = synthetic_ml100k(tmp_path / "ml-100k", users=6, items=120)
     out = tmp_path / "results"
     rows = "central-sasrec,central-full,fedavg-sasrec,feddmmr-full-fedadam,local-only"
-    command = [sys.executable, "benchmarks/quality.py", "--data-dir", str(data), "--shared", str(tmp_path / "none"),
-               "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--seeds", "1,2", "--rows", rows, *TINY]
+    command = [
+        sys.executable,
+        "benchmarks/quality.py",
+        "--data-dir",
+        str(data),
+        "--shared",
+        str(tmp_path / "none"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(out),
+        "--seeds",
+        "1,2",
+        "--rows",
+        rows,
+        *TINY,
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     table = json.loads((out / "quality_ml100k.json").read_text())
@@ -54,7 +86,9 @@ def test_quality_table_runs_every_kind_of_row_and_aggregates_over_seeds(tmp_path
         assert all(r["cpu_time_s"] > 0 for r in runs) and "--rows" in runs[0]["command"]
     assert table["rows"]["fedavg-sasrec"]["curve"], "federated rows keep their validation curve"
     assert {t["target"].split(" (")[0] for t in table["targets"]} == {
-        "federated FedDMMR full ≥ centralized SASRec", "FedDMMR full ≥ FedAvg-SASRec + 3%"}
+        "federated FedDMMR full ≥ centralized SASRec",
+        "FedDMMR full ≥ FedAvg-SASRec + 3%",
+    }
     for target in table["targets"]:
         assert target["met"] == (target["value"] >= target["bar"])
     assert (out / "quality_curves.png").stat().st_size > 10_000
@@ -89,7 +123,13 @@ def test_synthetic_users_match_the_source_lengths_and_read_as_ml100k(tmp_path):
 def test_memory_watch_sees_a_child_process_peak(tmp_path):
     from benchmarks.sim_lab import MemoryWatch, by_kind
 
-    child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(300 * 2**20); x[::4096] = b'1' * len(x[::4096]); time.sleep(2)"])
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; x = bytearray(300 * 2**20); x[::4096] = b'1' * len(x[::4096]); time.sleep(2)",
+        ]
+    )
     watch = MemoryWatch("no-such-marker-" + tmp_path.name, child.pid, period=0.1)
     watch.start()
     child.wait(timeout=30)
@@ -109,11 +149,29 @@ def test_final_test_can_be_switched_off(tmp_path):
         config = ins.content.config_records.get("config")
         splits.append(None if config is None else config.get("split"))
 
-    summary = run_federation({"data-dir": str(data), "cache-dir": str(tmp_path / "cache"), "output-dir": str(tmp_path / "out"),
-                              "run-name": "no-test", "stage-schedule": "pretrain:2", "hidden": 16, "maxlen": 20,
-                              "text-features": False, "variant": "sasrec", "fraction-train": 1.0, "eval-every": 1,
-                              "eval-users": 2, "negatives": 10, "eval-negatives": 10, "final-test": False,
-                              "min-available-nodes": 4, "strategy": "fedavg"}, 4, tap)
+    summary = run_federation(
+        {
+            "data-dir": str(data),
+            "cache-dir": str(tmp_path / "cache"),
+            "output-dir": str(tmp_path / "out"),
+            "run-name": "no-test",
+            "stage-schedule": "pretrain:2",
+            "hidden": 16,
+            "maxlen": 20,
+            "text-features": False,
+            "variant": "sasrec",
+            "fraction-train": 1.0,
+            "eval-every": 1,
+            "eval-users": 2,
+            "negatives": 10,
+            "eval-negatives": 10,
+            "final-test": False,
+            "min-available-nodes": 4,
+            "strategy": "fedavg",
+        },
+        4,
+        tap,
+    )
     assert "test" not in splits and "valid" in splits
     assert summary["test"]["sampled"] == {} and summary["best_round"] in (1, 2)
     assert (tmp_path / "out" / "no-test" / "best.pt").is_file()

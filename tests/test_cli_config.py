@@ -44,17 +44,20 @@ def test_strategy_names_match_the_flower_factory():
     assert set(STRATEGIES) == set(BASE_STRATEGIES)
 
 
-@pytest.mark.parametrize("values, fragment", [
-    ({"variant": "bogus"}, "variant"),
-    ({"strategy": "fedfoo"}, "strategy"),
-    ({"lr": 0}, "lr"),
-    ({"fraction-train": 1.5}, "fraction-train"),
-    ({"memory-topk": 80, "memory-capacity": 50}, "memory-topk"),
-    ({"stage-schedule": "pretrain:10,warmup:3"}, "warmup"),
-    ({"hidden": "sixty-four"}, "hidden"),
-    ({"text-features": "maybe"}, "text-features"),
-    ({"visual-features": True}, "posters-dir"),
-])
+@pytest.mark.parametrize(
+    "values, fragment",
+    [
+        ({"variant": "bogus"}, "variant"),
+        ({"strategy": "fedfoo"}, "strategy"),
+        ({"lr": 0}, "lr"),
+        ({"fraction-train": 1.5}, "fraction-train"),
+        ({"memory-topk": 80, "memory-capacity": 50}, "memory-topk"),
+        ({"stage-schedule": "pretrain:10,warmup:3"}, "warmup"),
+        ({"hidden": "sixty-four"}, "hidden"),
+        ({"text-features": "maybe"}, "text-features"),
+        ({"visual-features": True}, "posters-dir"),
+    ],
+)
 def test_bad_config_values_name_the_key(values, fragment):
     with pytest.raises(ConfigError, match=fragment):
         ExperimentConfig.from_flat(values)
@@ -66,29 +69,52 @@ def test_unknown_key_is_an_error_when_strict():
 
 
 def test_prepare_prints_the_statistics(tiny_ml100k, tmp_path, capsys):
-    assert main(["prepare", "--dataset", "ml-100k", "--data-dir", str(tiny_ml100k),
-                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert (
+        main(
+            ["prepare", "--dataset", "ml-100k", "--data-dir", str(tiny_ml100k), "--cache-dir", str(tmp_path / "cache")]
+        )
+        == 0
+    )
     stats = json.loads(capsys.readouterr().out)
     assert (stats["num_users"], stats["num_items"], stats["num_interactions"]) == (3, 6, 16)
     assert stats["avg_seq_len"] == pytest.approx(16 / 3, abs=1e-3)
 
 
 def test_prepare_real_ml100k(real_ml100k_dir, tmp_path, capsys):
-    assert main(["prepare", "--dataset", "ml-100k", "--data-dir", str(real_ml100k_dir),
-                 "--out", str(tmp_path / "cache")]) == 0
+    assert (
+        main(["prepare", "--dataset", "ml-100k", "--data-dir", str(real_ml100k_dir), "--out", str(tmp_path / "cache")])
+        == 0
+    )
     stats = json.loads(capsys.readouterr().out)
     assert (stats["num_users"], stats["num_items"], stats["num_interactions"]) == (943, 1682, 100000)
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["prepare", "--dataset", "ml-20m"], "unknown dataset 'ml-20m'"),
-    (["prepare", "--dataset", "ml-100k", "--data-dir", "/nonexistent/ml", "--download-url", "file:///nonexistent.zip"],
-     "could not download"),
-    (["train-central", "--dataset", "ml-100k", "--variant", "bogus"], "variant"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["prepare", "--dataset", "ml-20m"], "unknown dataset 'ml-20m'"),
+        (
+            [
+                "prepare",
+                "--dataset",
+                "ml-100k",
+                "--data-dir",
+                "/nonexistent/ml",
+                "--download-url",
+                "file:///nonexistent.zip",
+            ],
+            "could not download",
+        ),
+        (["train-central", "--dataset", "ml-100k", "--variant", "bogus"], "variant"),
+    ],
+)
 def test_cli_errors_are_one_line_and_exit_2(args, fragment, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "feddmmr_flower.cli", *args, "--cache-dir", str(tmp_path)],
-                          capture_output=True, text=True, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "feddmmr_flower.cli", *args, "--cache-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert done.returncode == 2, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("feddmmr: error:") and fragment in last
@@ -96,10 +122,38 @@ def test_cli_errors_are_one_line_and_exit_2(args, fragment, tmp_path):
 
 def test_train_central_writes_results(small_ml100k, tmp_path, capsys):
     results = tmp_path / "bench.json"
-    assert main(["train-central", "--dataset", "ml-100k", "--data-dir", str(small_ml100k), "--cache-dir",
-                 str(tmp_path / "cache"), "--variant", "sasrec", "--stage-schedule", "pretrain:2", "--hidden", "8",
-                 "--maxlen", "20", "--negatives", "5", "--eval-negatives", "20", "--eval-every", "1",
-                 "--output-dir", str(tmp_path / "out"), "--results-json", str(results)]) == 0
+    assert (
+        main(
+            [
+                "train-central",
+                "--dataset",
+                "ml-100k",
+                "--data-dir",
+                str(small_ml100k),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--variant",
+                "sasrec",
+                "--stage-schedule",
+                "pretrain:2",
+                "--hidden",
+                "8",
+                "--maxlen",
+                "20",
+                "--negatives",
+                "5",
+                "--eval-negatives",
+                "20",
+                "--eval-every",
+                "1",
+                "--output-dir",
+                str(tmp_path / "out"),
+                "--results-json",
+                str(results),
+            ]
+        )
+        == 0
+    )
     payload = json.loads(results.read_text())
     assert payload["command"] and payload["machine"]["torch"]
     assert [h["epoch"] for h in payload["history"]] == [1, 2]
@@ -109,9 +163,34 @@ def test_train_central_writes_results(small_ml100k, tmp_path, capsys):
 
 def test_train_central_epochs_and_out_shorthands(small_ml100k, tmp_path, capsys):
     out = tmp_path / "my-run"
-    assert main(["train-central", "--dataset", "ml-100k", "--data-dir", str(small_ml100k), "--cache-dir",
-                 str(tmp_path / "cache"), "--variant", "sasrec", "--epochs", "1", "--hidden", "8", "--maxlen", "20",
-                 "--negatives", "5", "--eval-negatives", "20", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train-central",
+                "--dataset",
+                "ml-100k",
+                "--data-dir",
+                str(small_ml100k),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--variant",
+                "sasrec",
+                "--epochs",
+                "1",
+                "--hidden",
+                "8",
+                "--maxlen",
+                "20",
+                "--negatives",
+                "5",
+                "--eval-negatives",
+                "20",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["schedule"] == "pretrain:1" and len(results["history"]) == 1
     assert main(["train-central", "--epochs", "1", "--stage-schedule", "pretrain:1"]) == 2

@@ -25,8 +25,12 @@ from .conftest import synthetic_ml100k
 def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("client-state")
     run_config = {
-        "data-dir": str(synthetic_ml100k(root / "ml-100k", users=4)), "cache-dir": str(root / "cache"),
-        "hidden": 16, "maxlen": 30, "negatives": 20, "eval-negatives": 20,
+        "data-dir": str(synthetic_ml100k(root / "ml-100k", users=4)),
+        "cache-dir": str(root / "cache"),
+        "hidden": 16,
+        "maxlen": 30,
+        "negatives": 20,
+        "eval-negatives": 20,
     }
     cfg = ExperimentConfig.from_flat(run_config)
     arrays = trainable_state(build_model(cfg, load_assets(cfg)), "pretrain")
@@ -34,22 +38,36 @@ def setup(tmp_path_factory) -> dict:
 
 
 def _message(arrays: dict, config: dict, kind: str) -> Message:
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                          "config": ConfigRecord(config)})
-    metadata = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
-                        group_id="", created_at=0.0, ttl=3600.0, message_type=kind)
+    content = RecordDict(
+        {"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "config": ConfigRecord(config)}
+    )
+    metadata = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id="",
+        created_at=0.0,
+        ttl=3600.0,
+        message_type=kind,
+    )
     return Message(content=content, metadata=metadata)  # as the SuperNode hands it to the ClientApp
 
 
 def _context(setup: dict, state_dir, state: RecordDict | None = None, run_id: int = 1) -> Context:
     node = {"partition-id": 2, "num-partitions": 4, "state-dir": str(state_dir)}
-    return Context(run_id=run_id, node_id=7, node_config=node, state=state or RecordDict(),
-                   run_config=dict(setup["run_config"]))
+    return Context(
+        run_id=run_id, node_id=7, node_config=node, state=state or RecordDict(), run_config=dict(setup["run_config"])
+    )
 
 
 def _train(setup: dict, context: Context, rnd: int, run_key: str = "run-a") -> dict:
-    msg = _message(setup["arrays"], {"stage": "pretrain", "lr": 0.05, "local-epochs": 1, "server-round": rnd,
-                                     "run-key": run_key}, "train")
+    msg = _message(
+        setup["arrays"],
+        {"stage": "pretrain", "lr": 0.05, "local-epochs": 1, "server-round": rnd, "run-key": run_key},
+        "train",
+    )
     return dict(client_train(msg, context).content.metric_records["metrics"])
 
 

@@ -30,8 +30,16 @@ REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "docker-compose.yml"
 COMMITTED_GPU = REPO / "docker-compose.gpu.yml"
 # Variables the compose files read: unset, so the defaults written in the files apply.
-COMPOSE_VARS = ("SUPERLINK_ADDRESS", "SUPERLINK_PORT", "FEDDMMR_CERTS_DIR", "FEDDMMR_NODES_DIR",
-                "FEDDMMR_SERVER_DIR", "FEDDMMR_IMAGE_TAG", "COMPOSE_FILE", "COMPOSE_PROJECT_NAME")
+COMPOSE_VARS = (
+    "SUPERLINK_ADDRESS",
+    "SUPERLINK_PORT",
+    "FEDDMMR_CERTS_DIR",
+    "FEDDMMR_NODES_DIR",
+    "FEDDMMR_SERVER_DIR",
+    "FEDDMMR_IMAGE_TAG",
+    "COMPOSE_FILE",
+    "COMPOSE_PROJECT_NAME",
+)
 
 
 def _compose_tools() -> list[list[str]]:
@@ -160,28 +168,37 @@ def check_layout(config: dict, nodes: int, gpu: bool = False) -> None:
 
 # ------------------------------------------------------------------ generator
 
+
 def test_committed_files_are_the_generator_output(tmp_path):
     args = ["--nodes", str(compose.DEFAULT_NODES), "--host", compose.DEFAULT_HOST]
     assert generate(tmp_path, *args).read_text() == COMMITTED.read_text(), (
-        "docker-compose.yml differs from the generator: python -m deploy.compose " + " ".join(args)
-        + " -o docker-compose.yml")
+        "docker-compose.yml differs from the generator: python -m deploy.compose "
+        + " ".join(args)
+        + " -o docker-compose.yml"
+    )
     assert generate(tmp_path, *args, "--gpu-override").read_text() == COMMITTED_GPU.read_text(), (
-        "docker-compose.gpu.yml differs: python -m deploy.compose " + " ".join(args)
-        + " --gpu-override -o docker-compose.gpu.yml")
+        "docker-compose.gpu.yml differs: python -m deploy.compose "
+        + " ".join(args)
+        + " --gpu-override -o docker-compose.gpu.yml"
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--nodes", "0", "--host", "h"], "--nodes must be an integer from 1"),
-    (["--nodes", "-3", "--host", "h"], "--nodes must be an integer from 1"),
-    (["--nodes", "2"], "--host is required"),
-    (["--host", "h"], "--nodes is required"),
-    (["--nodes", "2", "--host", "https://h:8000"], "must be a bare name or IP address"),
-    (["--nodes", "2", "--host", "bad host"], "not a valid DNS name"),
-    (["--nodes", "2", "--host", "h", "--port", "70000"], "--port must be from 1 to 65535"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--nodes", "0", "--host", "h"], "--nodes must be an integer from 1"),
+        (["--nodes", "-3", "--host", "h"], "--nodes must be an integer from 1"),
+        (["--nodes", "2"], "--host is required"),
+        (["--host", "h"], "--nodes is required"),
+        (["--nodes", "2", "--host", "https://h:8000"], "must be a bare name or IP address"),
+        (["--nodes", "2", "--host", "bad host"], "not a valid DNS name"),
+        (["--nodes", "2", "--host", "h", "--port", "70000"], "--port must be from 1 to 65535"),
+    ],
+)
 def test_generator_rejects_bad_input_in_one_line(args, message):
-    done = subprocess.run([sys.executable, "-m", "deploy.compose", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "deploy.compose", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 2 and done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
@@ -191,11 +208,13 @@ def test_generator_bakes_in_host_and_port(tmp_path):
     doc = yaml.safe_load(generate(tmp_path, "--nodes", "2", "--host", "10.1.2.3", "--port", "9443").read_text())
     assert doc["services"]["superlink"]["ports"] == ["${SUPERLINK_PORT:-9443}:8000"]
     for i in range(2):
-        assert flag(doc["services"][f"supernode-{i}"]["command"], "--superlink") == \
-            "${SUPERLINK_ADDRESS:-10.1.2.3:9443}"
+        assert (
+            flag(doc["services"][f"supernode-{i}"]["command"], "--superlink") == "${SUPERLINK_ADDRESS:-10.1.2.3:9443}"
+        )
 
 
 # ------------------------------------------------------------------ docker-compose config
+
 
 @pytest.mark.parametrize("nodes", [1, 4])
 def test_generated_compose_resolves_to_the_layout(compose_tool, tmp_path, nodes):
@@ -207,8 +226,11 @@ def test_generated_compose_resolves_to_the_layout(compose_tool, tmp_path, nodes)
     one_host = resolved(compose_tool, base, env={"SUPERLINK_ADDRESS": "superlink:8000"})
     assert flag(one_host["services"][f"supernode-{nodes - 1}"]["command"], "--superlink") == "superlink:8000"
     # --gpu: one file with the override built in
-    check_layout(resolved(compose_tool, generate(tmp_path / "gpu", "--nodes", str(nodes), "--host", "h", "--gpu")),
-                 nodes, gpu=True)
+    check_layout(
+        resolved(compose_tool, generate(tmp_path / "gpu", "--nodes", str(nodes), "--host", "h", "--gpu")),
+        nodes,
+        gpu=True,
+    )
 
 
 def test_committed_files_and_gpu_override_resolve(compose_tool):
@@ -241,6 +263,7 @@ def test_certificate_layout_matches_compose_mounts(compose_tool, tmp_path):
 
 
 # ------------------------------------------------------------------ certificates and keys
+
 
 def _tls_handshake(certs, server_name: str, ca_file: Path) -> None:
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -316,18 +339,36 @@ def test_node_keys_are_the_format_flower_loads(tmp_path):
 
 def test_certs_cli_writes_the_per_host_layout(tmp_path):
     out = tmp_path / "certs"
-    done = subprocess.run([sys.executable, "-m", "deploy.certs", "--host", "superlink.example.org", "--nodes", "2",
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "deploy.certs", "--host", "superlink.example.org", "--nodes", "2", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in (out / "superlink").iterdir()) == ["ca.crt", "server.key", "server.pem",
-                                                                     "superexec.secret"]
+    assert sorted(p.name for p in (out / "superlink").iterdir()) == [
+        "ca.crt",
+        "server.key",
+        "server.pem",
+        "superexec.secret",
+    ]
     for i in range(2):
         assert sorted(p.name for p in (out / "nodes" / f"node-{i}").iterdir()) == [
-            "ca.crt", "node.key", "node.pub", "superexec.secret"]
+            "ca.crt",
+            "node.key",
+            "node.pub",
+            "superexec.secret",
+        ]
     cert = x509.load_pem_x509_certificate((out / "superlink" / "server.pem").read_bytes())
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "superlink.example.org" in sans.get_values_for_type(x509.DNSName)
     # a second run for a host the certificate lacks fails in one line instead of mismatching
-    done = subprocess.run([sys.executable, "-m", "deploy.certs", "--host", "other.org", "--nodes", "2",
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "deploy.certs", "--host", "other.org", "--nodes", "2", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "other.org" in done.stderr

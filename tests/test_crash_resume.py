@@ -22,7 +22,16 @@ from feddmmr_flower.config import ExperimentConfig
 from feddmmr_flower.experiment import load_assets
 
 from .conftest import synthetic_ml100k
-from .flwr_utils import BIN, copy_app, descendants, flwr_env, flwr_run, kill_matching, processes_matching, run_config_arg
+from .flwr_utils import (
+    BIN,
+    copy_app,
+    descendants,
+    flwr_env,
+    flwr_run,
+    kill_matching,
+    processes_matching,
+    run_config_arg,
+)
 
 pytestmark = pytest.mark.slow
 USERS, ROUNDS, KILL_AFTER = 4, 6, 2
@@ -52,18 +61,41 @@ def _sigkill_everything(home: Path) -> list[int]:
 def test_sigkill_mid_run_then_resume_loses_at_most_one_round(tmp_path: Path) -> None:
     data = synthetic_ml100k(tmp_path / "ml-100k", users=USERS)
     out = tmp_path / "outputs" / "crash"
-    config = {"data-dir": str(data), "cache-dir": str(tmp_path / "cache"), "output-dir": str(tmp_path / "outputs"),
-              "run-name": "crash", "client-state-dir": str(tmp_path / "client-state"), "variant": "sasrec",
-              "stage-schedule": f"pretrain:{ROUNDS}", "fraction-train": 1.0, "min-available-nodes": USERS,
-              "local-epochs": 3, "eval-every": 1, "eval-users": 2, "hidden": 8, "maxlen": 20, "blocks": 1,
-              "negatives": 10, "eval-negatives": 10}
+    config = {
+        "data-dir": str(data),
+        "cache-dir": str(tmp_path / "cache"),
+        "output-dir": str(tmp_path / "outputs"),
+        "run-name": "crash",
+        "client-state-dir": str(tmp_path / "client-state"),
+        "variant": "sasrec",
+        "stage-schedule": f"pretrain:{ROUNDS}",
+        "fraction-train": 1.0,
+        "min-available-nodes": USERS,
+        "local-epochs": 3,
+        "eval-every": 1,
+        "eval-users": 2,
+        "hidden": 8,
+        "maxlen": 20,
+        "blocks": 1,
+        "negatives": 10,
+        "eval-negatives": 10,
+    }
     load_assets(ExperimentConfig.from_flat(config))
     app = copy_app(tmp_path / "app")
     home = tmp_path / "flwr-home"
-    cmd = [str(BIN / "flwr"), "run", ".", "--stream", "--federation-config",
-           f"num-supernodes={USERS} client-resources-num-cpus=1", "--run-config", run_config_arg(config)]
-    first = subprocess.Popen(cmd, cwd=app, env=flwr_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    cmd = [
+        str(BIN / "flwr"),
+        "run",
+        ".",
+        "--stream",
+        "--federation-config",
+        f"num-supernodes={USERS} client-resources-num-cpus=1",
+        "--run-config",
+        run_config_arg(config),
+    ]
+    first = subprocess.Popen(
+        cmd, cwd=app, env=flwr_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.time() + 150
         while len(_rounds(out)) < KILL_AFTER and time.time() < deadline and first.poll() is None:
@@ -81,15 +113,22 @@ def test_sigkill_mid_run_then_resume_loses_at_most_one_round(tmp_path: Path) -> 
     time.sleep(0.5)
     killed_at = _rounds(out)  # what history.json held when everything died
 
-    resumed = flwr_run(app, tmp_path / "flwr-home-resume", {**config, "resume-from": str(out)},
-                       f"num-supernodes={USERS} client-resources-num-cpus=1", timeout=240)
+    resumed = flwr_run(
+        app,
+        tmp_path / "flwr-home-resume",
+        {**config, "resume-from": str(out)},
+        f"num-supernodes={USERS} client-resources-num-cpus=1",
+        timeout=240,
+    )
     log = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, log[-3000:]
     history = json.loads((out / "history.json").read_text())["rounds"]
     assert [r["round"] for r in history] == list(range(1, ROUNDS + 1))  # same final round count, no gap/repeat
     restart = int(log.split("after round ", 1)[1].split()[0])
-    print(f"killed with {len(killed_at)} rounds in history.json, resumed after round {restart}: "
-          f"{len(killed_at) - restart} round(s) redone")
+    print(
+        f"killed with {len(killed_at)} rounds in history.json, resumed after round {restart}: "
+        f"{len(killed_at) - restart} round(s) redone"
+    )
     assert len(killed_at) - restart <= 1  # at most the round in flight is redone
     # Memories came back from disk: with every node training every round, a node's memory has seen
     # round x local-epochs passes; a memory lost in the crash would restart from zero. Clients may

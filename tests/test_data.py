@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from feddmmr_flower.data import prepare as prepare_module
 from feddmmr_flower.data import DATASETS, PrepareOptions, SequenceData, build_sequences, prepare_dataset
+from feddmmr_flower.data import prepare as prepare_module
 from feddmmr_flower.data.prepare import cache_key
 from feddmmr_flower.data.readers import RawData, read_csv_dataset, read_delimited, read_ml1m, read_ml100k
 from feddmmr_flower.errors import ConfigError, DataFormatError, FedDMMRError, MissingDataError
@@ -26,8 +26,7 @@ def raw_from(rows: list[tuple[str, str, int]], items: pd.DataFrame | None = None
 def user_sequences(data: SequenceData) -> dict[str, list[str]]:
     """{raw user id: [raw item ids in sequence order]}."""
     return {
-        str(data.user_raw_ids[u]): [str(data.item_raw_ids[i]) for i in data.sequence(u)]
-        for u in range(data.num_users)
+        str(data.user_raw_ids[u]): [str(data.item_raw_ids[i]) for i in data.sequence(u)] for u in range(data.num_users)
     }
 
 
@@ -61,7 +60,6 @@ def prepared(real_ml100k_dir, tmp_path_factory):
 
 
 class TestRealML100K:
-
     def test_counts(self, prepared):
         data, folder = prepared
         assert (data.num_users, data.num_items, len(data.items)) == (943, 1682, 100_000)
@@ -125,7 +123,7 @@ def test_prepare_tiny_ml100k(tiny_ml100k, tmp_path, tiny_sequences):
     assert data.item_titles[1] == "Toy Story (1995)" and data.item_titles[0] == ""
     assert data.items.dtype == np.int32 and data.offsets.dtype == np.int64
     # timestamps travel with their items (user '4': 30@7, 20@8, 60@9, 10@9, 50@10)
-    assert data.timestamps[data.offsets[2]: data.offsets[3]].tolist() == [7, 8, 9, 9, 10]
+    assert data.timestamps[data.offsets[2] : data.offsets[3]].tolist() == [7, 8, 9, 9, 10]
 
 
 # ====================================================================== ML-1M format
@@ -145,8 +143,12 @@ def write_ml1m(folder: Path, ratings: list[tuple[int, int, int, int]]) -> Path:
 
 
 ML1M_RATINGS = [  # ML-1M files are grouped by user but not sorted by time
-    (6, 260, 4, 978300760), (6, 73, 3, 978300100), (6, 1, 5, 978302109),
-    (10, 1, 5, 978224375), (10, 73, 2, 978224375), (10, 260, 4, 978220000),
+    (6, 260, 4, 978300760),
+    (6, 73, 3, 978300100),
+    (6, 1, 5, 978302109),
+    (10, 1, 5, 978224375),
+    (10, 73, 2, 978224375),
+    (10, 260, 4, 978220000),
 ]
 
 
@@ -162,12 +164,17 @@ def test_read_ml1m_latin1_titles(tmp_path):
 
 def test_prepare_ml1m_sorting_and_ids(tmp_path):
     folder = write_ml1m(tmp_path / "ml-1m", ML1M_RATINGS)
-    data, _ = prepare_dataset(PrepareOptions("ml-1m", min_seq_len=3), folder, tmp_path / "cache", download=False,
-                              verbose=False)
+    data, _ = prepare_dataset(
+        PrepareOptions("ml-1m", min_seq_len=3), folder, tmp_path / "cache", download=False, verbose=False
+    )
     assert list(data.user_raw_ids) == ["6", "10"]  # numeric order, not '10' < '6'
     assert list(data.item_raw_ids) == ["", "1", "73", "260"]  # '2' is never rated
-    assert list(data.item_titles) == ["", "Toy Story (1995)", "Misérables, Les (1995)",
-                                      "Star Wars: Episode IV - A New Hope (1977)"]
+    assert list(data.item_titles) == [
+        "",
+        "Toy Story (1995)",
+        "Misérables, Les (1995)",
+        "Star Wars: Episode IV - A New Hope (1977)",
+    ]
     assert user_sequences(data) == {"6": ["73", "260", "1"], "10": ["260", "1", "73"]}  # tie: file order
     assert data.sequence(0).tolist() == [2, 3, 1]
 
@@ -233,7 +240,7 @@ def test_tsv_by_extension_and_item_table(tmp_path):
 
 def test_csv_quoted_fields_and_bom(tmp_path):
     path = tmp_path / "interactions.csv"
-    path.write_bytes("\ufeffuser,item,timestamp\n\"Doe, Jane\",\"Film, A\",3\n\"Doe, Jane\",b,1\n".encode("utf-8"))
+    path.write_bytes('\ufeffuser,item,timestamp\n"Doe, Jane","Film, A",3\n"Doe, Jane",b,1\n'.encode("utf-8"))
     raw = read_csv_dataset(path)
     assert raw.interactions.values.tolist() == [["Doe, Jane", "Film, A", 3], ["Doe, Jane", "b", 1]]
 
@@ -261,8 +268,16 @@ def test_csv_numeric_timestamps_may_be_fractional(tmp_path):
 
 # ====================================================================== preprocessing
 def test_stable_chronological_sort():
-    rows = [("u", "a", 5), ("u", "b", 3), ("u", "c", 3), ("u", "d", 1), ("u", "e", 3), ("v", "a", 2),
-            ("v", "b", 2), ("v", "c", 2)]
+    rows = [
+        ("u", "a", 5),
+        ("u", "b", 3),
+        ("u", "c", 3),
+        ("u", "d", 1),
+        ("u", "e", 3),
+        ("v", "a", 2),
+        ("v", "b", 2),
+        ("v", "c", 2),
+    ]
     data = build_sequences(raw_from(rows), PrepareOptions("csv", min_seq_len=3))
     assert user_sequences(data) == {"u": ["d", "b", "c", "e", "a"], "v": ["a", "b", "c"]}
     assert data.timestamps.tolist() == [1, 3, 3, 3, 5, 2, 2, 2]
@@ -279,9 +294,17 @@ def test_contiguous_reindexing_numeric_order():
 
 
 def test_no_ghost_items_and_min_length_filter():
-    rows = [("a", "x", 1), ("a", "y", 2), ("a", "z", 3),          # len 3: kept at min 3
-            ("b", "ghost", 1), ("b", "x", 2),                      # len 2: dropped
-            ("c", "y", 1), ("c", "x", 2), ("c", "y", 3), ("c", "z", 4)]
+    rows = [
+        ("a", "x", 1),
+        ("a", "y", 2),
+        ("a", "z", 3),  # len 3: kept at min 3
+        ("b", "ghost", 1),
+        ("b", "x", 2),  # len 2: dropped
+        ("c", "y", 1),
+        ("c", "x", 2),
+        ("c", "y", 3),
+        ("c", "z", 4),
+    ]
     data = build_sequences(raw_from(rows), PrepareOptions("csv", min_seq_len=3))
     assert list(data.user_raw_ids) == ["a", "c"]
     assert "ghost" not in data.item_raw_ids
@@ -297,8 +320,13 @@ def test_min_length_filter_can_leave_nothing():
 
 
 def test_top_users_most_active_with_deterministic_ties():
-    rows = ([("d", f"i{k}", k) for k in range(3)] + [("d", "only-d", 3)] + [("c", f"i{k}", k) for k in range(5)]
-            + [("a", f"i{k}", k) for k in range(6)] + [("b", f"i{k}", k) for k in range(5)])
+    rows = (
+        [("d", f"i{k}", k) for k in range(3)]
+        + [("d", "only-d", 3)]
+        + [("c", f"i{k}", k) for k in range(5)]
+        + [("a", f"i{k}", k) for k in range(6)]
+        + [("b", f"i{k}", k) for k in range(5)]
+    )
     data = build_sequences(raw_from(rows), PrepareOptions("csv", top_users=2, min_seq_len=3))
     # a (6) first, then the tie c/b (5 each) goes to c, which appears first in the file
     assert list(data.user_raw_ids) == ["a", "c"]
@@ -317,11 +345,14 @@ def test_build_is_deterministic(tiny_ml100k):
     assert_same_data(first, second)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(dataset="ml-20m"), "unknown dataset 'ml-20m': choose one of ml-1m, ml-100k, csv"),
-    (dict(dataset="csv", min_seq_len=2), "min_seq_len must be >= 3"),
-    (dict(dataset="csv", top_users=0), "top_users must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(dataset="ml-20m"), "unknown dataset 'ml-20m': choose one of ml-1m, ml-100k, csv"),
+        (dict(dataset="csv", min_seq_len=2), "min_seq_len must be >= 3"),
+        (dict(dataset="csv", top_users=0), "top_users must be >= 1"),
+    ],
+)
 def test_prepare_options_validation(kwargs, message):
     with pytest.raises(ConfigError) as exc:
         PrepareOptions(**kwargs)
@@ -340,7 +371,10 @@ def test_cache_hit_and_roundtrip(tiny_ml100k, tmp_path, monkeypatch):
     options = PrepareOptions("ml-100k", min_seq_len=3)
     built, folder = prepare_dataset(options, tiny_ml100k, cache, verbose=False)
     assert (folder / "sequences.npz").is_file() and (folder / "manifest.json").is_file()
-    assert folder.parent == cache and folder.name == f"ml-100k-{cache_key(options, [tiny_ml100k / 'u.data', tiny_ml100k / 'u.item'])}"
+    assert (
+        folder.parent == cache
+        and folder.name == f"ml-100k-{cache_key(options, [tiny_ml100k / 'u.data', tiny_ml100k / 'u.item'])}"
+    )
     assert built.manifest["stats"] == built.stats()
     assert built.manifest["options"] == {"dataset": "ml-100k", "top_users": None, "min_seq_len": 3}
     monkeypatch.setattr(prepare_module, "build_sequences", _must_not_build)
@@ -357,12 +391,14 @@ def test_cache_roundtrip_keeps_item_extra(tmp_path, monkeypatch):
     path.write_text("user,item\n" + "".join(f"u,{i}\n" for i in "abc"))
     items = tmp_path / "items.csv"
     items.write_text("item,title,description\na,A,Alpha\nb,B,\n")
-    built, folder = prepare_dataset(PrepareOptions("csv", min_seq_len=3), path, tmp_path / "cache",
-                                    items_file=items, verbose=False)
+    built, folder = prepare_dataset(
+        PrepareOptions("csv", min_seq_len=3), path, tmp_path / "cache", items_file=items, verbose=False
+    )
     assert list(built.item_extra["description"]) == ["", "Alpha", "", ""]
     monkeypatch.setattr(prepare_module, "build_sequences", _must_not_build)
-    loaded, _ = prepare_dataset(PrepareOptions("csv", min_seq_len=3), path, tmp_path / "cache",
-                                items_file=items, verbose=False)
+    loaded, _ = prepare_dataset(
+        PrepareOptions("csv", min_seq_len=3), path, tmp_path / "cache", items_file=items, verbose=False
+    )
     assert_same_data(built, loaded)
 
 
@@ -370,8 +406,9 @@ def test_cache_key_changes_with_options_and_contents(tiny_ml100k, tmp_path):
     cache = tmp_path / "cache"
     _, base = prepare_dataset(PrepareOptions("ml-100k", min_seq_len=3), tiny_ml100k, cache, verbose=False)
     _, other_len = prepare_dataset(PrepareOptions("ml-100k", min_seq_len=5), tiny_ml100k, cache, verbose=False)
-    _, other_top = prepare_dataset(PrepareOptions("ml-100k", min_seq_len=3, top_users=2), tiny_ml100k, cache,
-                                   verbose=False)
+    _, other_top = prepare_dataset(
+        PrepareOptions("ml-100k", min_seq_len=3, top_users=2), tiny_ml100k, cache, verbose=False
+    )
     assert len({base, other_len, other_top}) == 3
     # same options, one rating changed -> new key and new contents
     u_data = tiny_ml100k / "u.data"
@@ -388,7 +425,10 @@ def test_cache_key_changes_with_options_and_contents(tiny_ml100k, tmp_path):
     moved.mkdir()
     for name in ("u.data", "u.item"):
         (moved / name).write_bytes((tiny_ml100k / name).read_bytes())
-    assert cache_key(PrepareOptions("ml-100k", min_seq_len=3), [moved / "u.data", moved / "u.item"]) == changed2.name.split("-")[-1]
+    assert (
+        cache_key(PrepareOptions("ml-100k", min_seq_len=3), [moved / "u.data", moved / "u.item"])
+        == changed2.name.split("-")[-1]
+    )
 
 
 def test_csv_cache_key_includes_item_table(tmp_path):
@@ -422,9 +462,15 @@ def loo() -> SequenceData:
     items = np.concatenate(sequences).astype(np.int32)
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in sequences])]).astype(np.int64)
     names = np.array([""] + [f"i{k}" for k in range(1, 11)])
-    return SequenceData(items=items, timestamps=np.arange(len(items), dtype=np.int64), offsets=offsets,
-                        user_raw_ids=np.array(["a", "b", "c"]), item_raw_ids=names, item_titles=names,
-                        item_genres=np.full(11, ""))
+    return SequenceData(
+        items=items,
+        timestamps=np.arange(len(items), dtype=np.int64),
+        offsets=offsets,
+        user_raw_ids=np.array(["a", "b", "c"]),
+        item_raw_ids=names,
+        item_titles=names,
+        item_genres=np.full(11, ""),
+    )
 
 
 def test_input_windows(loo):
@@ -522,13 +568,16 @@ def test_non_numeric_id(tmp_path, make_ml100k):
     assert_error_at(exc, folder / "u.data", 2, "timestamp", "'1.5e'")
 
 
-@pytest.mark.parametrize("text, line, found", [
-    ("1\t1\t5\t10\n1\t2\t5\t11\t7\n1\t3\t5\t12\n", 2, 5),
-    ("1\t1\t5\t10\t7\n1\t2\t5\t11\n", 1, 5),                 # the first line: pandas would make it an index
-    ("1\t1\t5\t10\t7\n1\t2\t5\t11\t7\n", 1, 5),              # ...and would silently shift every column
-    ("1\t1\t5\t10\n1\t2\t5\t11\t\n", 2, 5),                  # a trailing tab is an extra (empty) field
-    ("1\t1\t5\t10\n1\t2\t5\n", 2, 3),                        # too few
-])
+@pytest.mark.parametrize(
+    "text, line, found",
+    [
+        ("1\t1\t5\t10\n1\t2\t5\t11\t7\n1\t3\t5\t12\n", 2, 5),
+        ("1\t1\t5\t10\t7\n1\t2\t5\t11\n", 1, 5),  # the first line: pandas would make it an index
+        ("1\t1\t5\t10\t7\n1\t2\t5\t11\t7\n", 1, 5),  # ...and would silently shift every column
+        ("1\t1\t5\t10\n1\t2\t5\t11\t\n", 2, 5),  # a trailing tab is an extra (empty) field
+        ("1\t1\t5\t10\n1\t2\t5\n", 2, 3),  # too few
+    ],
+)
 def test_wrong_field_count(tmp_path, make_ml100k, text, line, found):
     folder = make_ml100k(tmp_path / "d", [(1, 1, 5, 10)] * 5)
     (folder / "u.data").write_text(text)
@@ -601,13 +650,16 @@ def test_csv_only_header(tmp_path):
     assert_error_at(exc, path, None, "no data rows")
 
 
-@pytest.mark.parametrize("body, line, fragment", [
-    ("a,x,1\na,y,last tuesday\n", 3, "'last tuesday'"),
-    ("a,x,2020-01-01\na,y,last tuesday\n", 3, "'last tuesday'"),
-    ("a,x,10\na,y,2020-01-01\n", 2, "timestamps mix numbers and dates, got '10'"),
-    ("a,x,1\n,y,2\n", 3, "empty user id"),
-    ("a,x,1,5\na,y,2,five\n", 3, "rating must be a number, got 'five'"),
-])
+@pytest.mark.parametrize(
+    "body, line, fragment",
+    [
+        ("a,x,1\na,y,last tuesday\n", 3, "'last tuesday'"),
+        ("a,x,2020-01-01\na,y,last tuesday\n", 3, "'last tuesday'"),
+        ("a,x,10\na,y,2020-01-01\n", 2, "timestamps mix numbers and dates, got '10'"),
+        ("a,x,1\n,y,2\n", 3, "empty user id"),
+        ("a,x,1,5\na,y,2,five\n", 3, "rating must be a number, got 'five'"),
+    ],
+)
 def test_csv_bad_values(tmp_path, body, line, fragment):
     path = tmp_path / "interactions.csv"
     header = "user,item,timestamp,rating\n" if body.count(",") > 5 else "user,item,timestamp\n"

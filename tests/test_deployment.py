@@ -54,9 +54,18 @@ def story(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("deploy")
     data = synthetic_ml100k(root / "server-data", users=NODES)
     config = {
-        "data-dir": str(data), "cache-dir": str(root / "server-cache"), "output-dir": str(root / "outputs"),
-        "stage-schedule": "pretrain:1,align:1", "fraction-train": 1.0, "eval-every": 2, "eval-users": NODES,
-        "hidden": 16, "maxlen": 30, "negatives": 20, "eval-negatives": 20, "min-available-nodes": NODES,
+        "data-dir": str(data),
+        "cache-dir": str(root / "server-cache"),
+        "output-dir": str(root / "outputs"),
+        "stage-schedule": "pretrain:1,align:1",
+        "fraction-train": 1.0,
+        "eval-every": 2,
+        "eval-users": NODES,
+        "hidden": 16,
+        "maxlen": 30,
+        "negatives": 20,
+        "eval-negatives": 20,
+        "min-available-nodes": NODES,
         # FedAvg: FedAdam's tiny tau turns float noise (a Ray worker and a ClientApp process use different
         # thread counts) on zero-gradient entries (e.g. attention key biases) into ~1e-5 steps.
         "strategy": "fedavg",
@@ -67,8 +76,13 @@ def story(tmp_path_factory) -> dict:
     result: dict = {"root": root}
 
     # 1. the reference simulation
-    sim = flwr_run(app, root / "sim-home", {**config, "run-name": "reference"},
-                   f"num-supernodes={NODES} client-resources-num-cpus=1", timeout=600)
+    sim = flwr_run(
+        app,
+        root / "sim-home",
+        {**config, "run-name": "reference"},
+        f"num-supernodes={NODES} client-resources-num-cpus=1",
+        timeout=600,
+    )
     assert sim.returncode == 0, sim.stdout[-3000:] + sim.stderr[-3000:]
 
     lab = NetLab(use_namespaces=namespaces_available())
@@ -80,10 +94,14 @@ def story(tmp_path_factory) -> dict:
 
         # 2. run A: the same run config as the simulation
         started = time.time()
-        done = deployment.cli_run(run + ["--run-config", run_config_arg({**config, "run-name": "deployed"})],
-                                  cwd=app, timeout=600)
-        result["run_a"] = {"returncode": done.returncode, "log": done.stdout + done.stderr,
-                           "seconds": time.time() - started}
+        done = deployment.cli_run(
+            run + ["--run-config", run_config_arg({**config, "run-name": "deployed"})], cwd=app, timeout=600
+        )
+        result["run_a"] = {
+            "returncode": done.returncode,
+            "log": done.stdout + done.stderr,
+            "seconds": time.time() - started,
+        }
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         shutil.copytree(root / "outputs" / "deployed", root / "outputs" / "deployed-run-a")  # B extends it
 
@@ -93,12 +111,22 @@ def story(tmp_path_factory) -> dict:
         wait_for_line(deployment.log("superlink"), "Activated node_id", count=NODES + 1, timeout=90)
 
         # 4. run B: resume for one more round; SIGKILL SuperNode 2 while its ClientApp trains
-        resume = {**config, "run-name": "deployed", "resume-from": str(root / "outputs" / "deployed"),
-                  "stage-schedule": "pretrain:1,align:2", "min-available-nodes": NODES - 1}
+        resume = {
+            **config,
+            "run-name": "deployed",
+            "resume-from": str(root / "outputs" / "deployed"),
+            "stage-schedule": "pretrain:1,align:2",
+            "min-available-nodes": NODES - 1,
+        }
         started = time.time()
-        run_b = subprocess.Popen(deployment.cli.command(run + ["--run-config", run_config_arg(resume)]),
-                                 env=deployment.env("cli"), cwd=app, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
+        run_b = subprocess.Popen(
+            deployment.cli.command(run + ["--run-config", run_config_arg(resume)]),
+            env=deployment.env("cli"),
+            cwd=app,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         deadline = time.time() + 240
         while not deployment.client_app_running(f"node{KILLED}"):
             assert time.time() < deadline and run_b.poll() is None, "node 2 never started a ClientApp"
@@ -117,9 +145,11 @@ def story(tmp_path_factory) -> dict:
 
 def _outputs(root: Path, name: str) -> dict:
     out = root / "outputs" / name
-    return {"history": json.loads((out / "history.json").read_text())["rounds"],
-            "summary": json.loads((out / "summary.json").read_text()),
-            "best": torch.load(out / "best.pt", map_location="cpu", weights_only=False)}
+    return {
+        "history": json.loads((out / "history.json").read_text())["rounds"],
+        "summary": json.loads((out / "summary.json").read_text()),
+        "best": torch.load(out / "best.pt", map_location="cpu", weights_only=False),
+    }
 
 
 def test_deployment_runs_on_separate_hosts_with_tls_and_auth(story):
@@ -161,7 +191,7 @@ def test_memories_survive_the_supernode_restart_on_node_local_disk(story):
     third = _outputs(story["root"], "deployed")["history"][2]
     assert third["train"]["memory-passes"] == pytest.approx(3.0)
     for i in (RESTARTED, 1):
-        assert list((story["root"] / f"node{i}" / "state").glob("deployed-*/partition-%d.npz" % i))
+        assert list((story["root"] / f"node{i}" / "state").glob(f"deployed-*/partition-{i}.npz"))
 
 
 def test_nothing_is_left_running_and_every_namespace_is_removed(story):

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from feddmmr_flower.data import PrepareOptions, prepare_dataset
-from feddmmr_flower.data import download
+from feddmmr_flower.data import PrepareOptions, download, prepare_dataset
 from feddmmr_flower.data import prepare as prepare_module
 from feddmmr_flower.data.download import DatasetSource, ensure_dataset, file_digest
 from feddmmr_flower.errors import DataFormatError, MissingDataError
@@ -129,9 +128,13 @@ def test_archive_without_the_required_files(tmp_path, make_zip):
 
 
 def test_archive_without_a_folder(tmp_path, make_zip, tiny_ml100k):
-    archive, md5 = make_zip(tmp_path / "flat.zip", {
-        "u.data": (tiny_ml100k / "u.data").read_bytes(), "u.item": (tiny_ml100k / "u.item").read_bytes(),
-    })
+    archive, md5 = make_zip(
+        tmp_path / "flat.zip",
+        {
+            "u.data": (tiny_ml100k / "u.data").read_bytes(),
+            "u.item": (tiny_ml100k / "u.item").read_bytes(),
+        },
+    )
     target = tmp_path / "t"
     ensure_dataset("ml-100k", target, url=archive.as_uri(), md5=md5)
     assert files_under(target) == ["u.data", "u.item"]
@@ -140,8 +143,9 @@ def test_archive_without_a_folder(tmp_path, make_zip, tiny_ml100k):
 def test_prepare_end_to_end_through_download(tmp_path, ml100k_zip, tiny_sequences, monkeypatch):
     archive, _ = ml100k_zip
     data_dir, cache = tmp_path / "fresh" / "ml-100k", tmp_path / "cache"
-    data, folder = prepare_dataset(PrepareOptions("ml-100k"), data_dir, cache, download_url=archive.as_uri(),
-                                   verbose=False)
+    data, folder = prepare_dataset(
+        PrepareOptions("ml-100k"), data_dir, cache, download_url=archive.as_uri(), verbose=False
+    )
     assert (data_dir / "u.data").is_file()
     assert {u: data.sequence(i).tolist() for i, u in enumerate(data.user_raw_ids)} == tiny_sequences
     assert data.item_titles[1] == "Toy Story (1995)"
@@ -156,12 +160,21 @@ def test_prepare_end_to_end_through_download(tmp_path, ml100k_zip, tiny_sequence
 def test_prepare_ml1m_through_download(tmp_path, make_zip):
     ratings = "".join(f"{u}::{m}::4::{978300000 + 10 * u + k}\n" for u in (1, 2) for k, m in enumerate((1, 73, 260)))
     movies = "1::Toy Story (1995)::Comedy\n73::Misérables, Les (1995)::Drama\n260::Star Wars (1977)::Sci-Fi\n"
-    archive, md5 = make_zip(tmp_path / "ml-1m.zip", {
-        "ml-1m/ratings.dat": ratings.encode(), "ml-1m/movies.dat": movies.encode("iso-8859-1"),
-        "ml-1m/users.dat": b"1::F::1::10::48067\n",
-    })
-    data, _ = prepare_dataset(PrepareOptions("ml-1m", min_seq_len=3), tmp_path / "ml-1m", tmp_path / "cache",
-                              download_url=archive.as_uri(), verbose=False)
+    archive, md5 = make_zip(
+        tmp_path / "ml-1m.zip",
+        {
+            "ml-1m/ratings.dat": ratings.encode(),
+            "ml-1m/movies.dat": movies.encode("iso-8859-1"),
+            "ml-1m/users.dat": b"1::F::1::10::48067\n",
+        },
+    )
+    data, _ = prepare_dataset(
+        PrepareOptions("ml-1m", min_seq_len=3),
+        tmp_path / "ml-1m",
+        tmp_path / "cache",
+        download_url=archive.as_uri(),
+        verbose=False,
+    )
     assert data.num_users == 2 and data.num_items == 3
     assert list(data.item_titles) == ["", "Toy Story (1995)", "Misérables, Les (1995)", "Star Wars (1977)"]
     assert (tmp_path / "ml-1m" / "users.dat").is_file()

@@ -10,7 +10,14 @@ import torch
 
 from feddmmr_flower.data import SequenceData
 from feddmmr_flower.evaluation import (
-    KS, TIE_RULE, EvalResult, all_candidates, evaluate, metrics_from_ranks, rank_of_first, sample_candidates,
+    KS,
+    TIE_RULE,
+    EvalResult,
+    all_candidates,
+    evaluate,
+    metrics_from_ranks,
+    rank_of_first,
+    sample_candidates,
 )
 
 
@@ -18,9 +25,15 @@ def make_data(sequences: list[list[int]], num_items: int) -> SequenceData:
     items = np.concatenate(sequences).astype(np.int32)
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in sequences])]).astype(np.int64)
     names = np.array([""] + [str(i) for i in range(1, num_items + 1)])
-    return SequenceData(items=items, timestamps=np.arange(len(items), dtype=np.int64), offsets=offsets,
-                        user_raw_ids=np.array([f"u{u}" for u in range(len(sequences))]),
-                        item_raw_ids=names, item_titles=names, item_genres=np.full(num_items + 1, ""))
+    return SequenceData(
+        items=items,
+        timestamps=np.arange(len(items), dtype=np.int64),
+        offsets=offsets,
+        user_raw_ids=np.array([f"u{u}" for u in range(len(sequences))]),
+        item_raw_ids=names,
+        item_titles=names,
+        item_genres=np.full(num_items + 1, ""),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +102,9 @@ def test_metrics_hand_computed():
     edge = metrics_from_ranks(np.array([5.0, 5.5]), ks=(5,))
     assert edge == pytest.approx({"HR@5": 0.5, "NDCG@5": 1 / math.log2(6) / 2, "MRR": (1 / 5 + 1 / 5.5) / 2})
     assert metrics_from_ranks(np.array([])) == {}
-    assert metrics_from_ranks(torch.ones(3)) == pytest.approx({**{f"HR@{k}": 1.0 for k in KS},
-                                                               **{f"NDCG@{k}": 1.0 for k in KS}, "MRR": 1.0})
+    assert metrics_from_ranks(torch.ones(3)) == pytest.approx(
+        {**{f"HR@{k}": 1.0 for k in KS}, **{f"NDCG@{k}": 1.0 for k in KS}, "MRR": 1.0}
+    )
 
 
 # ====================================================================== sampled candidates
@@ -154,6 +168,7 @@ def test_too_few_never_interacted_items():
 # ====================================================================== full ranking
 def test_full_ranking_excludes_history_but_keeps_target(tiny):
     """History items get the top scores: only the target among them may count."""
+
     def history_first(users, inputs, candidates):
         assert candidates is None
         scores = torch.rand(len(users), 11, generator=torch.Generator().manual_seed(0))  # non-history < 1
@@ -184,15 +199,22 @@ def test_evaluate_minus_id_hand_computed(tiny):
     full_valid = evaluate(tiny, minus_id_scorer, "valid", maxlen=4, protocols=("full",))
     # user 0: target 4 vs 6..10 -> 1; user 1: target 7 vs 1..5, 9, 10 (6 and 8 are history) -> 6
     assert full_valid.ranks["full"].tolist() == [1.0, 6.0]
-    assert full_test.metrics("full") == pytest.approx({
-        "HR@5": 0.5, "HR@10": 1.0, "HR@20": 1.0,
-        "NDCG@5": 0.5, "NDCG@10": (1 + 1 / math.log2(7)) / 2, "NDCG@20": (1 + 1 / math.log2(7)) / 2,
-        "MRR": (1 + 1 / 6) / 2,
-    })
+    assert full_test.metrics("full") == pytest.approx(
+        {
+            "HR@5": 0.5,
+            "HR@10": 1.0,
+            "HR@20": 1.0,
+            "NDCG@5": 0.5,
+            "NDCG@10": (1 + 1 / math.log2(7)) / 2,
+            "NDCG@20": (1 + 1 / math.log2(7)) / 2,
+            "MRR": (1 + 1 / 6) / 2,
+        }
+    )
 
     # sampled with all 5 never-interacted items of user 0: deterministic
-    res = evaluate(tiny, minus_id_scorer, "test", maxlen=4, users=np.array([0]), num_negatives=5,
-                   protocols=("sampled",))
+    res = evaluate(
+        tiny, minus_id_scorer, "test", maxlen=4, users=np.array([0]), num_negatives=5, protocols=("sampled",)
+    )
     assert res.ranks["sampled"].tolist() == [1.0]
     # user 1 draws 5 of {1, 2, 3, 4, 5, 9, 10}: rank = 1 + number of drawn ids below 8
     res = evaluate(tiny, minus_id_scorer, "test", maxlen=4, num_negatives=5)
@@ -236,8 +258,9 @@ def test_evaluate_independent_of_batching_and_cache(random_data):
 
     one = evaluate(random_data, scorer, "test", maxlen=8, batch_size=1)
     big = evaluate(random_data, scorer, "test", maxlen=8, batch_size=256)
-    cached = evaluate(random_data, scorer, "test", maxlen=8, batch_size=7,
-                      candidates_cache=all_candidates(random_data, "test"))
+    cached = evaluate(
+        random_data, scorer, "test", maxlen=8, batch_size=7, candidates_cache=all_candidates(random_data, "test")
+    )
     for protocol in ("sampled", "full"):
         np.testing.assert_array_equal(one.ranks[protocol], big.ranks[protocol])
         np.testing.assert_array_equal(one.ranks[protocol], cached.ranks[protocol])
@@ -257,8 +280,9 @@ def test_evaluate_rejects_bad_arguments(tiny):
 def test_by_history_length_buckets():
     # training-history lengths (n - 2): 1, 3, 5, 8
     data = make_data([[1, 2, 3], [1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6, 7], list(range(1, 11))], 40)
-    result = EvalResult("test", np.arange(4), {"full": np.array([1.0, 2.0, 11.0, 30.0]),
-                                               "sampled": np.array([1.0, 1.0, 1.0, 1.0])})
+    result = EvalResult(
+        "test", np.arange(4), {"full": np.array([1.0, 2.0, 11.0, 30.0]), "sampled": np.array([1.0, 1.0, 1.0, 1.0])}
+    )
     buckets = result.by_history_length(data, edges=(2, 5))
     assert list(buckets) == ["<=2", "3-5", ">5"]
     assert [b["num_users"] for b in buckets.values()] == [1, 2, 1]

@@ -29,8 +29,14 @@ from feddmmr_flower.features.text import title_genre_text
 SHARED_DATA = Path(os.environ.get("FEDDMMR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 TITLES = ["Toy Story (1995)", "Aladdin (1992)", "Platoon (1986)", "Heat (1995)", "", "Fargo (1996)"]
-GENRES = ["Animation|Children's|Comedy", "Animation|Children's|Comedy|Musical", "Drama|War",
-          "Action|Crime|Thriller", "", "Crime|Drama|Thriller"]
+GENRES = [
+    "Animation|Children's|Comedy",
+    "Animation|Children's|Comedy|Musical",
+    "Drama|War",
+    "Action|Crime|Thriller",
+    "",
+    "Crime|Drama|Thriller",
+]
 RAW_IDS = ["1", "95", "1090", "6", "x5", "608"]
 
 
@@ -38,9 +44,13 @@ def tiny_data(extra: dict[str, list[str]] | None = None, titles=TITLES, genres=G
     """Two users over six items; item 5 has no title, genres or description."""
     items = np.array([1, 2, 3, 4, 5, 6, 1, 3, 5], dtype=np.int32)
     return SequenceData(
-        items=items, timestamps=np.arange(len(items), dtype=np.int64), offsets=np.array([0, 5, 9]),
-        user_raw_ids=np.array(["u1", "u2"]), item_raw_ids=np.array([""] + RAW_IDS),
-        item_titles=np.array([""] + list(titles)), item_genres=np.array([""] + list(genres)),
+        items=items,
+        timestamps=np.arange(len(items), dtype=np.int64),
+        offsets=np.array([0, 5, 9]),
+        user_raw_ids=np.array(["u1", "u2"]),
+        item_raw_ids=np.array([""] + RAW_IDS),
+        item_titles=np.array([""] + list(titles)),
+        item_genres=np.array([""] + list(genres)),
         manifest={"cache_key": "tiny0001", "options": {"dataset": "csv"}},
         item_extra={k: np.array([""] + v) for k, v in (extra or {}).items()},
     )
@@ -195,8 +205,9 @@ def test_poster_paths_csv_and_ml1m(images, tmp_path):
     assert paths[1] == ml1m / "1.jpg" and paths[3] == ml1m / "1090.jpg"
     assert mask.sum() == 2
     with pytest.raises(MissingDataError, match="no-such-folder"):
-        compute_or_load_features(tiny_data(), "visual", tmp_path, posters_dir=tmp_path / "no-such-folder",
-                                 dataset="ml-1m", verbose=False)
+        compute_or_load_features(
+            tiny_data(), "visual", tmp_path, posters_dir=tmp_path / "no-such-folder", dataset="ml-1m", verbose=False
+        )
 
 
 def test_visual_table_records_random_init_and_caches(images, tmp_path):
@@ -214,7 +225,9 @@ def test_ml100k_titles_map_to_ml1m_posters(tmp_path):
     posters, movies = SHARED_DATA / "ml-1m" / "posters", SHARED_DATA / "ml-1m" / "movies.dat"
     if not (movies.is_file() and posters.is_dir() and (SHARED_DATA / "ml-100k" / "u.data").is_file()):
         pytest.skip(f"shared MovieLens data not found under {SHARED_DATA} (set FEDDMMR_SHARED_DATA)")
-    data, _ = prepare_dataset(PrepareOptions("ml-100k"), SHARED_DATA / "ml-100k", tmp_path, download=False, verbose=False)
+    data, _ = prepare_dataset(
+        PrepareOptions("ml-100k"), SHARED_DATA / "ml-100k", tmp_path, download=False, verbose=False
+    )
     paths, mask = poster_paths(data, posters)  # movies.dat found next to the posters folder
     # Exact title match after stripping whitespace. (A case-insensitive match would add one more:
     # "Like Water For Chocolate ..." vs ML-1M's "Like Water for Chocolate ...".)
@@ -248,15 +261,18 @@ def test_feature_table_round_trip(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("spoil, load_kwargs, message", [
-    (None, {"expected_num_items": 1682}, "has 4 rows, dataset has 1683 \\(1682 items \\+ padding\\)"),
-    (None, {"expected_num_items": 3, "expected_dim": 512}, "has 3-d vectors, expected 512-d"),
-    (None, {"expected_num_items": 3, "expected_dataset_key": "k2"}, "computed for dataset k1"),
-    ("nan", {"expected_num_items": 3}, "non-finite"),
-    ("padding", {"expected_num_items": 3}, "row 0 \\(padding\\)"),
-    ("masked", {"expected_num_items": 3}, "row 2 has mask 0"),
-    ("norm", {"expected_num_items": 3}, "row 3 has norm 2"),
-])
+@pytest.mark.parametrize(
+    "spoil, load_kwargs, message",
+    [
+        (None, {"expected_num_items": 1682}, "has 4 rows, dataset has 1683 \\(1682 items \\+ padding\\)"),
+        (None, {"expected_num_items": 3, "expected_dim": 512}, "has 3-d vectors, expected 512-d"),
+        (None, {"expected_num_items": 3, "expected_dataset_key": "k2"}, "computed for dataset k1"),
+        ("nan", {"expected_num_items": 3}, "non-finite"),
+        ("padding", {"expected_num_items": 3}, "row 0 \\(padding\\)"),
+        ("masked", {"expected_num_items": 3}, "row 2 has mask 0"),
+        ("norm", {"expected_num_items": 3}, "row 3 has norm 2"),
+    ],
+)
 def test_feature_table_load_rejects_mismatches(tmp_path, spoil, load_kwargs, message):
     path = table().save(tmp_path / "bad-table.npz")
     if spoil is not None:  # write a broken file behind save()'s back

@@ -35,7 +35,7 @@ def test_capacity_is_never_exceeded_and_items_stay_unique() -> None:
     cfg = MemoryConfig(capacity=5, topk=3, surprise_threshold=0.0, max_writes=4)
     memory = LocalDynamicMemory(3, cfg)
     rng = np.random.default_rng(0)
-    for step in range(40):
+    for _ in range(40):
         items = rng.integers(0, 25, size=(3, 8))
         loss = rng.random((3, 8)) * (items > 0)
         write(memory, items, np.tile(np.arange(8), (3, 1)), loss, rows=(0, 1, 2))
@@ -239,8 +239,9 @@ def test_prototype_noise() -> None:
     """noise_std > 0 perturbs the released centroids (by about noise_std), noise_std = 0 does not."""
     vectors, weights = _clusters()
     clean, _ = local_prototypes(vectors, weights, PrototypeConfig(num_prototypes=3))
-    noisy, sizes = local_prototypes(vectors, weights, PrototypeConfig(num_prototypes=3, noise_std=0.5),
-                                    rng=np.random.default_rng(0))
+    noisy, sizes = local_prototypes(
+        vectors, weights, PrototypeConfig(num_prototypes=3, noise_std=0.5), rng=np.random.default_rng(0)
+    )
     assert noisy.shape == clean.shape and sorted(sizes.tolist()) == [5.0, 5.0]
     diff = np.abs(noisy - clean)
     assert diff.max() > 0.05 and diff.mean() < 2.0
@@ -289,11 +290,12 @@ def test_prototype_noise_is_not_the_same_for_every_client() -> None:
     rng = np.random.default_rng(0)
     model.set_features(rng.normal(size=(31, 512)), np.ones(31, bool), rng.normal(size=(31, 384)), np.ones(31, bool))
     memory = LocalDynamicMemory(2, MemoryConfig(capacity=12, topk=6, surprise_threshold=0.0, max_writes=12))
-    write(memory, [list(range(1, 7)), list(range(11, 17))], [list(range(1, 7))] * 2, [[1.0, 2.0] * 3] * 2,
-          rows=(0, 1))
+    write(memory, [list(range(1, 7)), list(range(11, 17))], [list(range(1, 7))] * 2, [[1.0, 2.0] * 3] * 2, rows=(0, 1))
     clean_cfg = PrototypeConfig(num_prototypes=1, min_cluster_size=2)
     noisy_cfg = PrototypeConfig(num_prototypes=1, min_cluster_size=2, noise_std=0.1)
-    offsets = [memory_prototypes(model, memory, row, noisy_cfg)[0] - memory_prototypes(model, memory, row, clean_cfg)[0]
-               for row in (0, 1)]
+    offsets = [
+        memory_prototypes(model, memory, row, noisy_cfg)[0] - memory_prototypes(model, memory, row, clean_cfg)[0]
+        for row in (0, 1)
+    ]
     assert offsets[0].shape == offsets[1].shape == (1, model.config.prototype_dim)
     assert not np.allclose(offsets[0], offsets[1], rtol=0, atol=1e-5)  # atol: float32 rounding of the centroids

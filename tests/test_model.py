@@ -39,8 +39,17 @@ def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
 
 def tiny_model(variant: str = "full", seed: int = 0, active_norms: bool = False) -> FedDMMR:
     torch.manual_seed(seed)
-    model = FedDMMR(FedDMMRConfig(num_items=NUM_ITEMS, hidden=HIDDEN, maxlen=MAXLEN, num_blocks=1, dropout=0.0,
-                                  variant=variant, expert_heads=2))
+    model = FedDMMR(
+        FedDMMRConfig(
+            num_items=NUM_ITEMS,
+            hidden=HIDDEN,
+            maxlen=MAXLEN,
+            num_blocks=1,
+            dropout=0.0,
+            variant=variant,
+            expert_heads=2,
+        )
+    )
     rng = np.random.default_rng(seed)
     vis, txt = unit_rows(rng, NUM_ITEMS + 1, 512), unit_rows(rng, NUM_ITEMS + 1, 384)
     vis_ok, txt_ok = np.ones(NUM_ITEMS + 1, bool), np.ones(NUM_ITEMS + 1, bool)
@@ -66,8 +75,9 @@ def randomise_norms(model: FedDMMR, seed: int = 0) -> None:
 
 def filled_memory(data: SequenceData, users: np.ndarray, capacity: int = 16, seed: int = 0):
     """A memory holding every training target of ``users`` (threshold 0, no write cap)."""
-    memory = LocalDynamicMemory(len(users), MemoryConfig(capacity=capacity, topk=capacity, surprise_threshold=0.0,
-                                                         max_writes=MAXLEN))
+    memory = LocalDynamicMemory(
+        len(users), MemoryConfig(capacity=capacity, topk=capacity, surprise_threshold=0.0, max_writes=MAXLEN)
+    )
     batch = make_batch(data, users, np.arange(len(users)), MAXLEN)
     real = batch.targets > 0
     loss = torch.rand(batch.targets.shape, generator=torch.Generator().manual_seed(seed)) + 0.1
@@ -103,8 +113,9 @@ def test_zero_init_experts_score_like_sasrec_until_the_first_finetune_step() -> 
             torch.testing.assert_close(on["pos"], off["pos"], atol=1e-5, rtol=0)
             torch.testing.assert_close(on["neg"], off["neg"], atol=1e-5, rtol=0)
         for c in (cands, None):
-            torch.testing.assert_close(model.score(hidden[:, -1], c, slots), model.score(hidden[:, -1], c, None),
-                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                model.score(hidden[:, -1], c, slots), model.score(hidden[:, -1], c, None), atol=1e-5, rtol=0
+            )
 
     model.train()
     config = TrainConfig(num_negatives=5, lambda_c=0.5, lambda_lb=0.01, batch_size=len(users))
@@ -172,8 +183,11 @@ def test_memory_entries_from_the_target_position_on_are_invisible(layout: str) -
     items, positions = memory.retrieve(batch.rows)
     protos = torch.randn(2, model.config.prototype_dim, generator=torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(2)
-    negatives = (torch.randint(1, NUM_ITEMS + 1, (len(users), 6), generator=g) if layout == "shared"
-                 else torch.randint(1, NUM_ITEMS + 1, (len(users), MAXLEN, 6), generator=g))
+    negatives = (
+        torch.randint(1, NUM_ITEMS + 1, (len(users), 6), generator=g)
+        if layout == "shared"
+        else torch.randint(1, NUM_ITEMS + 1, (len(users), MAXLEN, 6), generator=g)
+    )
     row = 0
     real = (batch.targets[row] > 0).nonzero().flatten()
     j, last = int(real[len(real) // 2]), int(real[-1])
@@ -184,8 +198,14 @@ def test_memory_entries_from_the_target_position_on_are_invisible(layout: str) -
         hidden = model.encode(batch.inputs)
 
         def logits(mem_items):
-            out = model.train_logits(hidden, batch.targets, batch.target_positions, negatives,
-                                     model.slots(mem_items, positions, protos), True)
+            out = model.train_logits(
+                hidden,
+                batch.targets,
+                batch.target_positions,
+                negatives,
+                model.slots(mem_items, positions, protos),
+                True,
+            )
             neg = out["neg"]
             return out["pos"][row], neg[row]
 
@@ -204,8 +224,9 @@ def test_training_never_writes_held_out_targets_to_memory() -> None:
     data = tiny_data(num_users=6)
     model = tiny_model()
     users = np.arange(data.num_users)
-    memory = LocalDynamicMemory(data.num_users, MemoryConfig(capacity=16, topk=8, surprise_threshold=0.0,
-                                                             max_writes=MAXLEN))
+    memory = LocalDynamicMemory(
+        data.num_users, MemoryConfig(capacity=16, topk=8, surprise_threshold=0.0, max_writes=MAXLEN)
+    )
     config = TrainConfig(num_negatives=5, batch_size=4, lambda_c=0.1)
     g = torch.Generator().manual_seed(0)
     for stage, epochs in (("pretrain", 2), ("finetune", 2)):
@@ -286,17 +307,17 @@ def test_vectorised_experts_match_a_naive_per_candidate_reference() -> None:
     d, t = HIDDEN, 384
     g = torch.Generator().manual_seed(5)
     protos = torch.randn(3, model.config.prototype_dim, generator=g)
-    protos[1, d:d + t] = 0  # prototype without text
-    protos[2, d + t:] = 0  # prototype without image
-    items = torch.tensor([[1, 3, 5, 7, 9, 0, 0, 0],
-                          [2, 4, 6, 8, 10, 12, 14, 16],
-                          [7, 0, 0, 0, 0, 0, 0, 0]])
-    positions = torch.tensor([[1, 2, 4, 5, 7, NEVER, NEVER, NEVER],
-                              [1, 2, 3, 4, 5, 6, 7, 8],
-                              [3, NEVER, NEVER, NEVER, NEVER, NEVER, NEVER, NEVER]])
-    cands = torch.tensor([[1, 3, 5, 7, 11, 13, 20, 25],
-                          [2, 3, 7, 13, 16, 17, 29, 30],
-                          [7, 3, 5, 6, 11, 13, 19, 28]])
+    protos[1, d : d + t] = 0  # prototype without text
+    protos[2, d + t :] = 0  # prototype without image
+    items = torch.tensor([[1, 3, 5, 7, 9, 0, 0, 0], [2, 4, 6, 8, 10, 12, 14, 16], [7, 0, 0, 0, 0, 0, 0, 0]])
+    positions = torch.tensor(
+        [
+            [1, 2, 4, 5, 7, NEVER, NEVER, NEVER],
+            [1, 2, 3, 4, 5, 6, 7, 8],
+            [3, NEVER, NEVER, NEVER, NEVER, NEVER, NEVER, NEVER],
+        ]
+    )
+    cands = torch.tensor([[1, 3, 5, 7, 11, 13, 20, 25], [2, 3, 7, 13, 16, 17, 29, 30], [7, 3, 5, 6, 11, 13, 19, 28]])
     hidden = torch.randn(3, HIDDEN, generator=g)
     visible_count = torch.randint(0, 12, cands.shape, generator=g)
 
@@ -309,10 +330,17 @@ def test_vectorised_experts_match_a_naive_per_candidate_reference() -> None:
         prefix = model.expert_prefix_terms(cands, slots)
         proto64 = protos.double()
         for b in range(3):
-            slot_raw = [(p[d + t:] if p[d + t:].abs().sum() > 0 else None,
-                         p[d:d + t] if p[d:d + t].abs().sum() > 0 else None) for p in proto64]
-            slot_raw += [(ref.vis_feat[i] if ref.vis_avail[i] else None, ref.txt_feat[i] if ref.txt_avail[i] else None)
-                         for i in items[b].tolist()]
+            slot_raw = [
+                (
+                    p[d + t :] if p[d + t :].abs().sum() > 0 else None,
+                    p[d : d + t] if p[d : d + t].abs().sum() > 0 else None,
+                )
+                for p in proto64
+            ]
+            slot_raw += [
+                (ref.vis_feat[i] if ref.vis_avail[i] else None, ref.txt_feat[i] if ref.txt_avail[i] else None)
+                for i in items[b].tolist()
+            ]
             for q, c in enumerate(cands[b].tolist()):
                 expected = [reference_term(ref, c, slot_raw, k) for k in range(len(slot_raw) + 1)]
                 base = float(hidden[b].double() @ ref.item_emb.weight[c])
@@ -320,8 +348,9 @@ def test_vectorised_experts_match_a_naive_per_candidate_reference() -> None:
                 assert abs(float(all_scores[b, c]) - float(scores[b, q])) < 1e-5, (b, c)
                 k = int(visible_count[b, q])
                 assert abs(float(terms[b, q]) - expected[k]) < 1e-4, (b, c, k)
-                np.testing.assert_allclose(prefix[b, q].numpy(), np.array(expected), atol=1e-4, rtol=0,
-                                           err_msg=f"user {b} candidate {c}")
+                np.testing.assert_allclose(
+                    prefix[b, q].numpy(), np.array(expected), atol=1e-4, rtol=0, err_msg=f"user {b} candidate {c}"
+                )
     # The reference is not trivially zero: the experts really contribute.
     assert (scores - model.score(hidden, cands, None)).abs().max() > 1e-2
 
@@ -355,8 +384,17 @@ def test_prefix_scores_stay_exact_for_a_large_attention_scale() -> None:
     """``attention_scale`` is a config field: the closed form must match the direct computation
     (``expert_terms`` with the same visible count) for any temperature, e.g. 30."""
     torch.manual_seed(0)
-    model = FedDMMR(FedDMMRConfig(num_items=NUM_ITEMS, hidden=HIDDEN, maxlen=MAXLEN, num_blocks=1, dropout=0.0,
-                                  expert_heads=2, attention_scale=30.0))
+    model = FedDMMR(
+        FedDMMRConfig(
+            num_items=NUM_ITEMS,
+            hidden=HIDDEN,
+            maxlen=MAXLEN,
+            num_blocks=1,
+            dropout=0.0,
+            expert_heads=2,
+            attention_scale=30.0,
+        )
+    )
     rng = np.random.default_rng(0)
     ok = np.r_[False, np.ones(NUM_ITEMS, bool)]
     model.set_features(unit_rows(rng, NUM_ITEMS + 1, 512), ok, unit_rows(rng, NUM_ITEMS + 1, 384), ok)

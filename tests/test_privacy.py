@@ -27,14 +27,24 @@ from feddmmr_flower.privacy import (
     rdp_subsampled_gaussian,
 )
 from feddmmr_flower.prototypes import PrototypeConfig, local_prototypes
-
-from .conftest import synthetic_ml100k
 from server_app.inprocess import InProcessGrid
 
+from .conftest import synthetic_ml100k
+
 NUM_USERS = 6
-TINY = {"stage-schedule": "pretrain:1,align:1,finetune:1", "fraction-train": 1.0, "eval-every": 1,
-        "eval-users": 3, "hidden": 16, "maxlen": 30, "negatives": 20, "eval-negatives": 20,
-        "min-available-nodes": NUM_USERS, "dropout": 0.0, "strategy": "fedavg"}
+TINY = {
+    "stage-schedule": "pretrain:1,align:1,finetune:1",
+    "fraction-train": 1.0,
+    "eval-every": 1,
+    "eval-users": 3,
+    "hidden": 16,
+    "maxlen": 30,
+    "negatives": 20,
+    "eval-negatives": 20,
+    "min-available-nodes": NUM_USERS,
+    "dropout": 0.0,
+    "strategy": "fedavg",
+}
 MODES = {
     "off": {},
     "central-fixed": {"dp-mode": "central-fixed", "dp-clipping-norm": 0.05, "dp-noise-multiplier": 1.0},
@@ -60,15 +70,28 @@ def run_inprocess(root: Path, name: str, overrides: dict, tap=None, users: int =
     data = root / "ml-100k"
     if not data.exists():
         synthetic_ml100k(data, users=users)
-    flat = ExperimentConfig.from_flat({"data-dir": str(data), "cache-dir": str(root / "cache"),
-                                       "output-dir": str(root / "out"), "run-name": name,
-                                       **TINY, "min-available-nodes": users, **overrides}).flat()
+    flat = ExperimentConfig.from_flat(
+        {
+            "data-dir": str(data),
+            "cache-dir": str(root / "cache"),
+            "output-dir": str(root / "out"),
+            "run-name": name,
+            **TINY,
+            "min-available-nodes": users,
+            **overrides,
+        }
+    ).flat()
     grid = InProcessGrid(flat, users, tap)
     summary = FederatedRun(grid, ExperimentConfig.from_flat(flat)).run()
     out = root / "out" / name
-    return {"summary": summary, "history": json.loads((out / "history.json").read_text())["rounds"],
-            "config": json.loads((out / "config.json").read_text()), "grid": grid, "flat": flat,
-            "last": torch.load(out / "last.pt", map_location="cpu", weights_only=False)}
+    return {
+        "summary": summary,
+        "history": json.loads((out / "history.json").read_text())["rounds"],
+        "config": json.loads((out / "config.json").read_text()),
+        "grid": grid,
+        "flat": flat,
+        "last": torch.load(out / "last.pt", map_location="cpu", weights_only=False),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +126,16 @@ def _model(run: dict):
 # ------------------------------------------------------------------------ accountant
 # Reference values: dp-accounting 0.6.0 RdpAccountant(orders=feddmmr_flower.privacy.ORDERS,
 # ADD_OR_REMOVE_ONE), PoissonSampledDpEvent(q, GaussianDpEvent(z)) x T, get_epsilon(1e-5).
-@pytest.mark.parametrize("q, z, rounds, epsilon", [
-    (0.1, 1.0, 150, 9.55853652554936), (94 / 943, 0.8, 450, 26.678949948766615),
-    (1.0, 2.0, 10, 8.087861628831664), (0.01, 1.1, 1000, 1.7252908180449444), (0.5, 5.0, 3, 0.768094014166763),
-])
+@pytest.mark.parametrize(
+    "q, z, rounds, epsilon",
+    [
+        (0.1, 1.0, 150, 9.55853652554936),
+        (94 / 943, 0.8, 450, 26.678949948766615),
+        (1.0, 2.0, 10, 8.087861628831664),
+        (0.01, 1.1, 1000, 1.7252908180449444),
+        (0.5, 5.0, 3, 0.768094014166763),
+    ],
+)
 def test_rdp_accountant_matches_dp_accounting(q, z, rounds, epsilon) -> None:
     acc = RdpAccountant(1e-5)
     acc.compose(q, z, rounds)
@@ -129,11 +158,15 @@ def test_rdp_basics() -> None:
 
 
 def test_privacy_config_errors_name_the_knob() -> None:
-    for values, needle in [({"dp-mode": "global"}, "dp-mode"), ({"dp-clipping-norm": 0}, "dp-clipping-norm"),
-                           ({"dp-delta": 1.5}, "dp-delta"), ({"secagg-threshold": 3}, "secagg-threshold"),
-                           ({"dp-mode": "central-fixed", "dp-noise-multiplier": 0.0}, "dp-noise-multiplier"),
-                           ({"secure-aggregation": True, "dp-mode": "central-fixed"}, "secure-aggregation"),
-                           ({"secure-aggregation": True, "strategy": "fedmedian"}, "fedmedian")]:
+    for values, needle in [
+        ({"dp-mode": "global"}, "dp-mode"),
+        ({"dp-clipping-norm": 0}, "dp-clipping-norm"),
+        ({"dp-delta": 1.5}, "dp-delta"),
+        ({"secagg-threshold": 3}, "secagg-threshold"),
+        ({"dp-mode": "central-fixed", "dp-noise-multiplier": 0.0}, "dp-noise-multiplier"),
+        ({"secure-aggregation": True, "dp-mode": "central-fixed"}, "secure-aggregation"),
+        ({"secure-aggregation": True, "strategy": "fedmedian"}, "fedmedian"),
+    ]:
         with pytest.raises(ConfigError, match=needle):
             ExperimentConfig.from_flat(values)
 
@@ -142,8 +175,13 @@ def test_privacy_config_errors_name_the_knob() -> None:
 def test_min_cluster_size_and_noise_applied_before_release() -> None:
     rng = np.random.default_rng(0)
     centres = np.array([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]])
-    vectors = np.concatenate([centres[0] + 0.01 * rng.normal(size=(6, 3)), centres[1] + 0.01 * rng.normal(size=(2, 3)),
-                              centres[2] + 0.01 * rng.normal(size=(4, 3))])
+    vectors = np.concatenate(
+        [
+            centres[0] + 0.01 * rng.normal(size=(6, 3)),
+            centres[1] + 0.01 * rng.normal(size=(2, 3)),
+            centres[2] + 0.01 * rng.normal(size=(4, 3)),
+        ]
+    )
     weights = np.ones(len(vectors))
     cfg = PrototypeConfig(num_prototypes=3, min_cluster_size=3, seed=0)
     c, s = local_prototypes(vectors, weights, cfg)
@@ -164,18 +202,29 @@ def test_client_releases_only_filtered_noised_prototypes(small_ml100k: Path, tmp
     from feddmmr_flower.stages import trainable_state
     from feddmmr_flower.train import memory_prototypes
 
-    base = {"data-dir": str(small_ml100k), "cache-dir": str(tmp_path / "cache"), "hidden": 16, "maxlen": 30,
-            "negatives": 20}
+    base = {
+        "data-dir": str(small_ml100k),
+        "cache-dir": str(tmp_path / "cache"),
+        "hidden": 16,
+        "maxlen": 30,
+        "negatives": 20,
+    }
     released = {}
     for key, extra in {"plain": {}, "noisy": {"prototype-noise": 0.3}, "strict": {"min-cluster-size": 50}}.items():
         runtime = ClientRuntime(ExperimentConfig.from_flat({**base, **extra}))
         arrays = trainable_state(runtime.model, "finetune") | trainable_state(runtime.model, "pretrain")
         memory = None
         for rnd in (1, 2, 3):  # fill the memory over a few passes
-            outcome = runtime.train(0, arrays, None, memory, stage="finetune", lr=0.05, local_epochs=1, server_round=rnd)
+            outcome = runtime.train(
+                0, arrays, None, memory, stage="finetune", lr=0.05, local_epochs=1, server_round=rnd
+            )
             memory = outcome.memory
-        exact, sizes = memory_prototypes(runtime.model, LocalDynamicMemory.single(runtime.memory_cfg, memory), 0,
-                                         PrototypeConfig(5, runtime.proto_cfg.min_cluster_size, 0.0, runtime.cfg.seed))
+        exact, sizes = memory_prototypes(
+            runtime.model,
+            LocalDynamicMemory.single(runtime.memory_cfg, memory),
+            0,
+            PrototypeConfig(5, runtime.proto_cfg.min_cluster_size, 0.0, runtime.cfg.seed),
+        )
         released[key] = (outcome, exact, sizes)
     plain, exact, sizes = released["plain"]
     assert len(plain.sizes) > 0 and (plain.sizes >= 3).all()
@@ -248,8 +297,9 @@ def test_wire_holds_only_trainable_arrays_prototypes_and_scalars(runs, mode) -> 
 
 
 def test_secagg_wire_holds_only_masked_updates(runs) -> None:
-    from client_app.privacy_mods import SECAGG_EXTRAS
     from flwr.common import bytes_to_ndarray
+
+    from client_app.privacy_mods import SECAGG_EXTRAS
 
     run = runs["secagg"]
     model, cfg = _model(run)
@@ -310,8 +360,14 @@ def test_central_dp_clips_on_the_client_and_reports_epsilon(runs) -> None:
         if ins.metadata.message_type == MessageType.TRAIN:
             assert ins.content["config"]["clipping_norm"] == clip
             sent = _arrays(ins)
-            norms.append(np.sqrt(sum(float(((a.numpy().astype(np.float64) - sent[n].numpy()) ** 2).sum())
-                                     for n, a in _arrays(reply).items())))
+            norms.append(
+                np.sqrt(
+                    sum(
+                        float(((a.numpy().astype(np.float64) - sent[n].numpy()) ** 2).sum())
+                        for n, a in _arrays(reply).items()
+                    )
+                )
+            )
     assert max(norms) <= clip * (1 + 1e-5) and min(norms) > 0.5 * clip  # clipped by fixedclipping_mod
     # Plain updates of this model are larger than the clip: clipping really happened.
     plain = [r["train"]["update-norm-median"] for r in runs["off"]["history"]]
@@ -334,8 +390,9 @@ def test_local_dp_noise_and_report(runs) -> None:
     for ins, _, reply in run["wire"].items:
         if ins.metadata.message_type == MessageType.TRAIN:
             sent = _arrays(ins)
-            delta = np.concatenate([(a.numpy().astype(np.float64) - sent[n].numpy()).ravel()
-                                    for n, a in _arrays(reply).items()])
+            delta = np.concatenate(
+                [(a.numpy().astype(np.float64) - sent[n].numpy()).ravel() for n, a in _arrays(reply).items()]
+            )
             assert delta.std() == pytest.approx(sigma, rel=0.1)  # LocalDpMod's Gaussian noise on every entry
     dp = run["summary"]["privacy"]["dp"]
     assert dp["noise_std"] == pytest.approx(sigma, rel=1e-5) and dp["max_releases_per_node"] == 3
@@ -388,8 +445,13 @@ def test_secagg_in_a_flwr_run_simulation_equals_the_plain_loop(tmp_path, task_id
     plain = run_inprocess(tmp_path, "plain", overrides, users=users)
     flat = {**plain["flat"], **overrides, "run-name": "secure", "secure-aggregation": True}
     flat = {k: v for k, v in flat.items() if v != ""}
-    done = flwr_run(copy_app(tmp_path / "app"), tmp_path / "flwr-home", flat,
-                    f"num-supernodes={users} client-resources-num-cpus=1", timeout=240)
+    done = flwr_run(
+        copy_app(tmp_path / "app"),
+        tmp_path / "flwr-home",
+        flat,
+        f"num-supernodes={users} client-resources-num-cpus=1",
+        timeout=240,
+    )
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
     out = tmp_path / "out" / "secure"
@@ -443,8 +505,9 @@ def test_central_dp_mean_is_fixed_denominator_clipped_and_noised_then_fedadam(mo
 
 def test_local_dp_composes_with_secagg(tmp_path, task_identity) -> None:
     """LocalDpMod noises the update before secaggplus_mod masks it; the server counts releases."""
-    run = run_inprocess(tmp_path, "local-secagg", {"secure-aggregation": True, "dp-mode": "local",
-                                                    "stage-schedule": "pretrain:2"})
+    run = run_inprocess(
+        tmp_path, "local-secagg", {"secure-aggregation": True, "dp-mode": "local", "stage-schedule": "pretrain:2"}
+    )
     assert [r["train"]["num-accepted"] for r in run["history"]] == [NUM_USERS, NUM_USERS]
     assert run["summary"]["privacy"]["dp"]["max_releases_per_node"] == 2
     assert run["summary"]["privacy"]["secure_aggregation"] is not None

@@ -62,31 +62,51 @@ class RayCluster:
         self.client_port = free_port()
 
     def _ports(self) -> list[str]:
-        return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+        return [
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+        ]
 
     def _ray(self, *args: str, temp: str) -> None:
-        cmd = [str(BIN / "ray"), "start", "--num-cpus=1", "--object-store-memory=100000000",
-               f"--temp-dir={self.root / temp}", "--disable-usage-stats", *self._ports(), *args]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
-                              env={**_env(), "RAY_USAGE_STATS_ENABLED": "0"})
+        cmd = [
+            str(BIN / "ray"),
+            "start",
+            "--num-cpus=1",
+            "--object-store-memory=100000000",
+            f"--temp-dir={self.root / temp}",
+            "--disable-usage-stats",
+            *self._ports(),
+            *args,
+        ]
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=180, env={**_env(), "RAY_USAGE_STATS_ENABLED": "0"}
+        )
         assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
 
     def start(self) -> None:
-        self._ray("--head", f"--port={self.port}", "--include-dashboard=false",
-                  f"--ray-client-server-port={self.client_port}", temp="head")
+        self._ray(
+            "--head",
+            f"--port={self.port}",
+            "--include-dashboard=false",
+            f"--ray-client-server-port={self.client_port}",
+            temp="head",
+        )
         self._ray(f"--address={self.address}", temp="node")
         deadline = time.time() + 60  # the second node registers with the head asynchronously
         while len(self.probe()["alive_nodes"]) < 2 and time.time() < deadline:
             time.sleep(1)
 
     def probe(self) -> dict:
-        done = subprocess.run([str(BIN / "python"), "-c", PROBE, self.address], capture_output=True, text=True,
-                              timeout=120, env=_env())
+        done = subprocess.run(
+            [str(BIN / "python"), "-c", PROBE, self.address], capture_output=True, text=True, timeout=120, env=_env()
+        )
         line = [ln for ln in done.stdout.splitlines() if ln.startswith("PROBE ")]
         assert done.returncode == 0 and line, done.stdout[-2000:] + done.stderr[-2000:]
-        return json.loads(line[-1][len("PROBE "):])
+        return json.loads(line[-1][len("PROBE ") :])
 
     def _marks(self) -> list[str]:
         # the temp dir names most processes; the Ray client server names only its ports
@@ -131,15 +151,26 @@ def test_flwr_simulation_runs_clientapps_on_both_ray_nodes(ray_cluster, tmp_path
 
     data_dir = synthetic_ml100k(tmp_path / "ml-100k", users=NUM_USERS, items=40, per_user=15)
     config = {
-        "data-dir": str(data_dir), "cache-dir": str(tmp_path / "cache"), "output-dir": str(tmp_path / "outputs"),
-        "run-name": "ray", "variant": "sasrec", "stage-schedule": "pretrain:1", "fraction-train": 1.0,
-        "eval-every": 1, "eval-users": 2, "hidden": 16, "maxlen": 20, "negatives": 10, "eval-negatives": 10,
+        "data-dir": str(data_dir),
+        "cache-dir": str(tmp_path / "cache"),
+        "output-dir": str(tmp_path / "outputs"),
+        "run-name": "ray",
+        "variant": "sasrec",
+        "stage-schedule": "pretrain:1",
+        "fraction-train": 1.0,
+        "eval-every": 1,
+        "eval-users": 2,
+        "hidden": 16,
+        "maxlen": 20,
+        "negatives": 10,
+        "eval-negatives": 10,
         "min-available-nodes": NUM_USERS,
     }
     app = copy_app(tmp_path / "app")
     monkeypatch.setenv("RAY_ADDRESS", ray_cluster.address)  # flwr_env copies os.environ
-    done = flwr_run(app, tmp_path / "flwr-home", config,
-                    f"num-supernodes={NUM_USERS} client-resources-num-cpus=1", timeout=240)
+    done = flwr_run(
+        app, tmp_path / "flwr-home", config, f"num-supernodes={NUM_USERS} client-resources-num-cpus=1", timeout=240
+    )
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
     summary = json.loads((tmp_path / "outputs" / "ray" / "summary.json").read_text())

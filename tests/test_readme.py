@@ -63,8 +63,11 @@ TINY_MODEL = {"hidden": 16, "maxlen": 30, "negatives": 20, "eval-negatives": 20,
 TINY_FLWR = {**TINY_MODEL, "eval-users": 3, "fraction-train": 1.0, "min-available-nodes": 3}
 TINY_FEDERATION = "num-supernodes=3 client-resources-num-cpus=1"
 # Data commands first, then training, then the commands that read what training wrote.
-PHASES = (("export ", "feddmmr prepare", "feddmmr features"), ("feddmmr train-central", "flwr run"),
-          ("feddmmr recommend", "feddmmr report"))
+PHASES = (
+    ("export ", "feddmmr prepare", "feddmmr features"),
+    ("feddmmr train-central", "flwr run"),
+    ("feddmmr recommend", "feddmmr report"),
+)
 
 
 # ------------------------------------------------------------------ parsing
@@ -131,7 +134,8 @@ def _write_shared(shared: Path, data_dir: Path) -> None:
         titles[item] = title
     (shared / "ml-100k-llm").mkdir(parents=True)
     (shared / "ml-100k-llm" / "item_descriptions.json").write_text(
-        json.dumps({item: f"{title}: a film about number {item}" for item, title in titles.items()}))
+        json.dumps({item: f"{title}: a film about number {item}" for item, title in titles.items()})
+    )
     posters = shared / "ml-1m" / "posters"
     posters.mkdir(parents=True)
     movies = [f"{1000 + int(item)}::{title}::Drama" for item, title in titles.items()]
@@ -145,8 +149,9 @@ def _write_csv(folder: Path, data_dir: Path) -> None:
     """``data/mydata``: the synthetic ratings as a user,item,timestamp CSV with string ids + an item table."""
     folder.mkdir(parents=True)
     rows = [line.split("\t") for line in (data_dir / "u.data").read_text().splitlines()]
-    (folder / "interactions.csv").write_text("user,item,timestamp\n" + "".join(
-        f"u{u},m{i},{t}\n" for u, i, _, t in rows))
+    (folder / "interactions.csv").write_text(
+        "user,item,timestamp\n" + "".join(f"u{u},m{i},{t}\n" for u, i, _, t in rows)
+    )
     items = sorted({int(r[1]) for r in rows})
     (folder / "items.csv").write_text("item,title,genres\n" + "".join(f"m{i},Film {i},Drama|War\n" for i in items))
 
@@ -216,7 +221,9 @@ def test_every_command_is_run_or_mapped():
     commands = readme_commands()
     assert any(c.startswith("feddmmr recommend") for c in commands) and any(is_quickstart(c) for c in commands)
     orphans = [c for c in commands if not runs_here(c) and covering_test(c) is None]
-    assert not orphans, f"README commands neither run by tests/test_readme.py nor mapped in COVERED_ELSEWHERE: {orphans}"
+    assert not orphans, (
+        f"README commands neither run by tests/test_readme.py nor mapped in COVERED_ELSEWHERE: {orphans}"
+    )
     for command in commands:
         test = covering_test(command) if not runs_here(command) else None
         if test:  # a mapped command names a test that exists
@@ -235,8 +242,11 @@ def test_quickstart_prints_progress_and_names_its_output_folder(results, workspa
     command = next(c for c in results if is_quickstart(c))
     log = results[command].stdout + results[command].stderr
     out = workspace / "outputs" / QUICKSTART
-    assert re.search(r"round 1/3 \[pretrain\] nodes 3 loss \d+\.\d+  valid NDCG@10 \d\.\d{4} HR@10 \d\.\d{4}  "
-                     r"\d+\.\ds  ETA \d+\.\d min", log), log[-3000:]
+    assert re.search(
+        r"round 1/3 \[pretrain\] nodes 3 loss \d+\.\d+  valid NDCG@10 \d\.\d{4} HR@10 \d\.\d{4}  "
+        r"\d+\.\ds  ETA \d+\.\d min",
+        log,
+    ), log[-3000:]
     assert "round 3/3 [finetune]" in log
     assert re.search(r"done in .* min: test NDCG@10 .* Outputs in \S*outputs/quickstart", log), log[-2000:]
     for name in ("config.json", "history.json", "best.pt", "checkpoint-finetune.pt", "last.pt", "summary.json"):
@@ -295,8 +305,10 @@ def test_results_block_is_rendered_from_benchmark_results(monkeypatch):
     import render_readme
 
     text = README.read_text()
-    block = text[text.index(render_readme.START): text.index(render_readme.END) + len(render_readme.END)]
+    block = text[text.index(render_readme.START) : text.index(render_readme.END) + len(render_readme.END)]
     assert block == render_readme.render(), "README results block is stale: run python benchmarks/render_readme.py"
-    deploy = text[text.index(render_readme.DEPLOY_START): text.index(render_readme.DEPLOY_END) + len(render_readme.DEPLOY_END)]
+    deploy = text[
+        text.index(render_readme.DEPLOY_START) : text.index(render_readme.DEPLOY_END) + len(render_readme.DEPLOY_END)
+    ]
     assert deploy == render_readme.render_deployment(), "README deployment figures are stale: run render_readme.py"
     sys.modules.pop("render_readme", None)

@@ -31,9 +31,26 @@ def trained(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("recommend")
     data_dir = synthetic_ml100k(root / "ml-100k")
     central = root / "central-full"
-    done = run_feddmmr(["feddmmr", "train-central", "--dataset", "ml-100k", "--data-dir", str(data_dir),
-                        "--cache-dir", str(root / "cache"), "--variant", "full",
-                        "--stage-schedule", "pretrain:3,align:1,finetune:2", "--out", str(central), *TINY], root)
+    done = run_feddmmr(
+        [
+            "feddmmr",
+            "train-central",
+            "--dataset",
+            "ml-100k",
+            "--data-dir",
+            str(data_dir),
+            "--cache-dir",
+            str(root / "cache"),
+            "--variant",
+            "full",
+            "--stage-schedule",
+            "pretrain:3,align:1,finetune:2",
+            "--out",
+            str(central),
+            *TINY,
+        ],
+        root,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     fed = _federated_copy(central, root / "fed-full")
     return {"root": root, "data_dir": data_dir, "central": central, "fed": fed}
@@ -131,8 +148,9 @@ def test_attention_weights_are_what_the_expert_reads():
     visible = torch.rand(2, 3, 5) > 0.3
     weights = expert.attention(queries, slots, visible)
     assert torch.allclose(weights.sum(-1), visible.any(-1).float())
-    assert torch.allclose(torch.einsum("bqs,bsd->bqd", weights, expert.value(slots)),
-                          expert(queries, slots, visible), atol=1e-6)
+    assert torch.allclose(
+        torch.einsum("bqs,bsd->bqd", weights, expert.value(slots)), expert(queries, slots, visible), atol=1e-6
+    )
 
 
 def test_user_ids_are_raw_ids_mapped_to_indices():
@@ -149,8 +167,9 @@ def test_cli_text_and_json(trained):
     assert text.returncode == 0, text.stderr
     assert "user 5 (index 4 = Flower partition-id)" in text.stdout
     assert "top 3 recommendations" in text.stdout and "router: visual 0.00, semantic 1.00" in text.stdout
-    as_json = run_feddmmr(["feddmmr", "recommend", "--run", run, "--user-index", "4", "-k", "3", "--json"],
-                          trained["root"])
+    as_json = run_feddmmr(
+        ["feddmmr", "recommend", "--run", run, "--user-index", "4", "-k", "3", "--json"], trained["root"]
+    )
     payload = json.loads(as_json.stdout)
     assert payload["user"] == {"raw_id": "5", "index": 4, "num_items_seen": 25}
     for rec in payload["recommendations"]:  # the same list, in both forms
@@ -158,8 +177,10 @@ def test_cli_text_and_json(trained):
 
 
 def test_cli_checkpoint_choices(trained):
-    by_path = run_feddmmr(["feddmmr", "recommend", "--checkpoint", str(trained["fed"] / "best.pt"), "--user", "1",
-                           "--json"], trained["root"])
+    by_path = run_feddmmr(
+        ["feddmmr", "recommend", "--checkpoint", str(trained["fed"] / "best.pt"), "--user", "1", "--json"],
+        trained["root"],
+    )
     assert by_path.returncode == 0, by_path.stderr
     assert json.loads(by_path.stdout)["weights"] == "best.pt (federated, round 6)"
 

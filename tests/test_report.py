@@ -33,9 +33,26 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     folders = {}
     for variant, schedule in (("full", "pretrain:3,align:1,finetune:2"), ("sasrec", "pretrain:4")):
         folders[variant] = root / f"central-{variant}"
-        done = run_feddmmr(["feddmmr", "train-central", "--dataset", "ml-100k", "--data-dir", str(data_dir),
-                            "--cache-dir", str(root / "cache"), "--variant", variant, "--stage-schedule", schedule,
-                            "--out", str(folders[variant]), *TINY], root)
+        done = run_feddmmr(
+            [
+                "feddmmr",
+                "train-central",
+                "--dataset",
+                "ml-100k",
+                "--data-dir",
+                str(data_dir),
+                "--cache-dir",
+                str(root / "cache"),
+                "--variant",
+                variant,
+                "--stage-schedule",
+                schedule,
+                "--out",
+                str(folders[variant]),
+                *TINY,
+            ],
+            root,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     folders["root"] = root
     return folders
@@ -46,7 +63,7 @@ def _pixels(path: Path) -> np.ndarray:
 
 
 def _has_colour(pixels: np.ndarray, hex_colour: str, tolerance: int = 6, at_least: int = 20) -> bool:
-    rgb = np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)])
+    rgb = np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)])
     return int((np.abs(pixels - rgb).max(1) <= tolerance).sum()) >= at_least
 
 
@@ -73,8 +90,20 @@ def test_report_writes_markdown_and_plots(runs):
 
 def test_compare_puts_runs_on_the_same_plots(runs):
     out = runs["root"] / "compared"
-    done = run_feddmmr(["feddmmr", "report", "--run", str(runs["full"]), "--compare", str(runs["sasrec"]),
-                        "--out", str(out), "--json"], runs["root"])
+    done = run_feddmmr(
+        [
+            "feddmmr",
+            "report",
+            "--run",
+            str(runs["full"]),
+            "--compare",
+            str(runs["sasrec"]),
+            "--out",
+            str(out),
+            "--json",
+        ],
+        runs["root"],
+    )
     assert done.returncode == 0, done.stderr
     written = json.loads(done.stdout)
     assert written["report"] == str(out / "report.md") and len(written["plots"]) == 4
@@ -105,9 +134,11 @@ def test_central_history_in_the_federated_shape(runs):
 def test_report_errors_are_one_line(runs):
     empty = runs["root"] / "empty"
     empty.mkdir(exist_ok=True)
-    for args, message in ((["--run", str(runs["root"] / "nope")], "run folder"),
-                          (["--run", str(empty)], "neither history.json"),
-                          (["--run", str(runs["full"]), "--compare", str(empty)], "neither history.json")):
+    for args, message in (
+        (["--run", str(runs["root"] / "nope")], "run folder"),
+        (["--run", str(empty)], "neither history.json"),
+        (["--run", str(runs["full"]), "--compare", str(empty)], "neither history.json"),
+    ):
         done = run_feddmmr(["feddmmr", "report", *args], runs["root"])
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr

@@ -26,22 +26,40 @@ def simulation_run(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("sim")
     data_dir = synthetic_ml100k(root / "ml-100k")
     config = {
-        "data-dir": str(data_dir), "cache-dir": str(root / "cache"), "output-dir": str(root / "outputs"),
-        "run-name": "sim", "stage-schedule": "pretrain:1,align:1", "fraction-train": 1.0,
-        "eval-every": 1, "eval-users": 5, "hidden": 16, "maxlen": 30, "negatives": 20, "eval-negatives": 20,
-        "fault-nan-partition": NAN_PARTITION, "min-available-nodes": NUM_USERS,
+        "data-dir": str(data_dir),
+        "cache-dir": str(root / "cache"),
+        "output-dir": str(root / "outputs"),
+        "run-name": "sim",
+        "stage-schedule": "pretrain:1,align:1",
+        "fraction-train": 1.0,
+        "eval-every": 1,
+        "eval-users": 5,
+        "hidden": 16,
+        "maxlen": 30,
+        "negatives": 20,
+        "eval-negatives": 20,
+        "fault-nan-partition": NAN_PARTITION,
+        "min-available-nodes": NUM_USERS,
     }
     # Features once, before the run, so the 20 clients only read the cache.
     load_assets(ExperimentConfig.from_flat(config))
     app = copy_app(root / "app")
-    done = flwr_run(app, root / "flwr-home", config,
-                    f"num-supernodes={NUM_USERS} client-resources-num-cpus=1", timeout=900)
+    done = flwr_run(
+        app, root / "flwr-home", config, f"num-supernodes={NUM_USERS} client-resources-num-cpus=1", timeout=900
+    )
     out = root / "outputs" / "sim"
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (out / "summary.json").is_file(), done.stdout[-3000:] + done.stderr[-3000:]
     history = json.loads((out / "history.json").read_text())["rounds"]
-    return {"out": out, "history": history, "log": done.stdout + done.stderr, "root": root, "app": app,
-            "config": config, "summary": json.loads((out / "summary.json").read_text())}
+    return {
+        "out": out,
+        "history": history,
+        "log": done.stdout + done.stderr,
+        "root": root,
+        "app": app,
+        "config": config,
+        "summary": json.loads((out / "summary.json").read_text()),
+    }
 
 
 def test_history_has_one_record_per_round(simulation_run):
@@ -67,7 +85,9 @@ def test_align_round_exchanges_only_projection_tensors(simulation_run):
     assert align["train"]["num-accepted"] == NUM_USERS - 1
     pretrain = simulation_run["history"][0]
     assert "backbone.item_emb.weight" in pretrain["trainable_arrays"]
-    assert not any(name.startswith(("proj_", "vis_expert", "sem_expert", "router")) for name in pretrain["trainable_arrays"])
+    assert not any(
+        name.startswith(("proj_", "vis_expert", "sem_expert", "router")) for name in pretrain["trainable_arrays"]
+    )
 
 
 def test_nan_reply_is_rejected_and_the_run_goes_on(simulation_run):
@@ -80,8 +100,16 @@ def test_nan_reply_is_rejected_and_the_run_goes_on(simulation_run):
 
 def test_outputs_and_final_test_on_all_users(simulation_run):
     out = simulation_run["out"]
-    for name in ("config.json", "history.json", "best.pt", "checkpoint-pretrain.pt", "checkpoint-align.pt",
-                 "last.pt", "curves.png", "summary.json"):
+    for name in (
+        "config.json",
+        "history.json",
+        "best.pt",
+        "checkpoint-pretrain.pt",
+        "checkpoint-align.pt",
+        "last.pt",
+        "curves.png",
+        "summary.json",
+    ):
         assert (out / name).is_file(), name
     test = simulation_run["summary"]["test"]
     assert test["num_users"] == NUM_USERS
@@ -94,8 +122,13 @@ def test_resume_from_a_finished_run_adds_no_round(simulation_run):
     """resume-from restores model, strategy state and history from last.pt and goes on from there."""
     root = simulation_run["root"]
     config = {**simulation_run["config"], "resume-from": str(simulation_run["out"])}
-    done = flwr_run(simulation_run["app"], root / "flwr-home-resume", config,
-                    f"num-supernodes={NUM_USERS} client-resources-num-cpus=1", timeout=600)
+    done = flwr_run(
+        simulation_run["app"],
+        root / "flwr-home-resume",
+        config,
+        f"num-supernodes={NUM_USERS} client-resources-num-cpus=1",
+        timeout=600,
+    )
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
     assert "resuming" in log and "after round 2 of 2" in log

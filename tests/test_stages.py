@@ -30,8 +30,17 @@ def tiny_data(num_users: int = 8, seed: int = 0) -> SequenceData:
 
 def tiny_model(variant: str = "full", seed: int = 0) -> FedDMMR:
     torch.manual_seed(seed)
-    model = FedDMMR(FedDMMRConfig(num_items=NUM_ITEMS, hidden=HIDDEN, maxlen=MAXLEN, num_blocks=1, dropout=0.0,
-                                  variant=variant, expert_heads=2))
+    model = FedDMMR(
+        FedDMMRConfig(
+            num_items=NUM_ITEMS,
+            hidden=HIDDEN,
+            maxlen=MAXLEN,
+            num_blocks=1,
+            dropout=0.0,
+            variant=variant,
+            expert_heads=2,
+        )
+    )
     rng = np.random.default_rng(seed)
     vis, txt = rng.normal(size=(NUM_ITEMS + 1, 512)), rng.normal(size=(NUM_ITEMS + 1, 384))
     vis /= np.linalg.norm(vis, axis=1, keepdims=True)
@@ -53,8 +62,9 @@ def changed_names(before: dict[str, torch.Tensor], model: FedDMMR) -> set[str]:
     return {k for k in before if not torch.equal(before[k], after[k])}
 
 
-def one_step(model: FedDMMR, data: SequenceData, stage: str, memory: LocalDynamicMemory | None = None,
-             lr: float = 1e-2) -> set[str]:
+def one_step(
+    model: FedDMMR, data: SequenceData, stage: str, memory: LocalDynamicMemory | None = None, lr: float = 1e-2
+) -> set[str]:
     """One optimiser step of ``stage`` over all users (one batch); returns the changed tensors."""
     users = np.arange(data.num_users)
     config = TrainConfig(num_negatives=5, batch_size=len(users), lambda_c=0.5, lambda_lb=0.01)
@@ -85,8 +95,12 @@ def test_parameter_groups_partition_all_parameters(variant: str) -> None:
     assert set(names) == {name for name, _ in model.named_parameters()}
     assert set(groups["projections"]) == PROJECTIONS
     assert groups["item_embedding"] == ["backbone.item_emb.weight"]
-    assert {"backbone.blocks.0.attn.out.weight", "backbone.blocks.0.attn.qkv.weight",
-            "backbone.pos_emb.weight", "backbone.final_norm.weight"} <= set(groups["backbone"])
+    assert {
+        "backbone.blocks.0.attn.out.weight",
+        "backbone.blocks.0.attn.qkv.weight",
+        "backbone.pos_emb.weight",
+        "backbone.final_norm.weight",
+    } <= set(groups["backbone"])
     assert set(groups["norms"]) == {"norm_vis.weight", "norm_vis.bias", "norm_sem.weight", "norm_sem.bias"}
     assert all(n.startswith("router.") for n in groups["router"]) and groups["router"]
     assert all(n.split(".")[0] in ("vis_expert", "sem_expert") for n in groups["experts"])
@@ -185,8 +199,11 @@ def test_load_arrays_validates_everything_before_loading_anything() -> None:
         assert changed_names(before, model) == set(), f"{label}: something was loaded"
     before = snapshot(model)
     with pytest.raises(ValueError, match="unexpected"):
-        load_arrays(model, {**good, "backbone.item_emb.weight": model.item_emb.weight.detach().numpy()},
-                    allowed=trainable_names(model, "align"))
+        load_arrays(
+            model,
+            {**good, "backbone.item_emb.weight": model.item_emb.weight.detach().numpy()},
+            allowed=trainable_names(model, "align"),
+        )
     assert changed_names(before, model) == set()
     load_arrays(model, good, allowed=trainable_names(model, "align"))
     assert changed_names(before, model) == PROJECTIONS
@@ -215,14 +232,26 @@ def test_train_central_runs_the_whole_schedule(tmp_path) -> None:
     memory = LocalDynamicMemory(data.num_users, MemoryConfig(capacity=12, topk=8, surprise_threshold=0.5))
     config = TrainConfig(batch_size=4, num_negatives=5, eval_every=1, eval_negatives=10, patience=10, lr=1e-2)
     lines: list[str] = []
-    result = train_central(model, data, config, StageSchedule.parse("pretrain:2,align:1,finetune:2"), memory,
-                           out_dir=tmp_path, log=lines.append)
+    result = train_central(
+        model,
+        data,
+        config,
+        StageSchedule.parse("pretrain:2,align:1,finetune:2"),
+        memory,
+        out_dir=tmp_path,
+        log=lines.append,
+    )
     assert set(result.test) == {"sampled", "full"}
     for protocol, metrics in result.test.items():
         assert {"HR@10", "NDCG@10", "MRR"} <= set(metrics), protocol
         assert all(0.0 <= v <= 1.0 for v in metrics.values()), (protocol, metrics)
     assert [(r["epoch"], r["stage"]) for r in result.history] == [
-        (1, "pretrain"), (2, "pretrain"), (3, "align"), (4, "finetune"), (5, "finetune")]
+        (1, "pretrain"),
+        (2, "pretrain"),
+        (3, "align"),
+        (4, "finetune"),
+        (5, "finetune"),
+    ]
     assert all("valid" in r and 0 <= r["valid"]["NDCG@10"] <= 1 for r in result.history)
     assert 1 <= result.best_epoch <= 5 and result.best_stage == result.history[result.best_epoch - 1]["stage"]
     assert "align" in result.history[2] and "rec" in result.history[3]
@@ -237,15 +266,18 @@ def test_train_central_runs_the_whole_schedule(tmp_path) -> None:
         assert not stored & {int(data.target([u], "valid")[0]), int(data.target([u], "test")[0])}
 
 
-@pytest.mark.parametrize("earlier, done, later, ok", [
-    ("pretrain:2,align:1", 3, "pretrain:2,align:1", True),  # same schedule
-    ("pretrain:2,align:1", 3, "pretrain:2,align:3", True),  # more rounds of the current stage
-    ("pretrain:2,align:1", 3, "pretrain:2,align:1,finetune:4", True),  # a later stage added
-    ("pretrain:4,align:1", 2, "pretrain:3,align:1", True),  # the unfinished stage shortened, not below done
-    ("pretrain:4,align:1", 2, "pretrain:1,align:1", False),  # round 2 would now be align
-    ("pretrain:2,align:1", 3, "pretrain:3,align:1", False),  # round 3 was align
-    ("pretrain:2,align:1", 3, "align:1,pretrain:2", False),
-    ("pretrain:2,align:2", 4, "pretrain:2,align:1", False),  # fewer rounds than done
-])
+@pytest.mark.parametrize(
+    "earlier, done, later, ok",
+    [
+        ("pretrain:2,align:1", 3, "pretrain:2,align:1", True),  # same schedule
+        ("pretrain:2,align:1", 3, "pretrain:2,align:3", True),  # more rounds of the current stage
+        ("pretrain:2,align:1", 3, "pretrain:2,align:1,finetune:4", True),  # a later stage added
+        ("pretrain:4,align:1", 2, "pretrain:3,align:1", True),  # the unfinished stage shortened, not below done
+        ("pretrain:4,align:1", 2, "pretrain:1,align:1", False),  # round 2 would now be align
+        ("pretrain:2,align:1", 3, "pretrain:3,align:1", False),  # round 3 was align
+        ("pretrain:2,align:1", 3, "align:1,pretrain:2", False),
+        ("pretrain:2,align:2", 4, "pretrain:2,align:1", False),  # fewer rounds than done
+    ],
+)
 def test_a_resumed_schedule_must_continue_the_rounds_already_done(earlier, done, later, ok) -> None:
     assert StageSchedule.parse(later).continues(StageSchedule.parse(earlier), done) is ok

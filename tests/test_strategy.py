@@ -53,16 +53,24 @@ def to_np(rec: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in rec.items()}
 
 
-def reply(ins: Message, arrays: dict[str, np.ndarray], n: int, pid: int,
-          centroids: np.ndarray | None = None, sizes: np.ndarray | None = None) -> Message:
+def reply(
+    ins: Message,
+    arrays: dict[str, np.ndarray],
+    n: int,
+    pid: int,
+    centroids: np.ndarray | None = None,
+    sizes: np.ndarray | None = None,
+) -> Message:
     """A client's train reply as the ClientApp builds it: Message(content, reply_to=ins)."""
     c = np.zeros((0, 3), np.float32) if centroids is None else centroids.astype(np.float32)
     s = np.zeros(0, np.float32) if sizes is None else sizes.astype(np.float32)
-    content = RecordDict({
-        "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
-        "prototypes": ArrayRecord({"centroids": Array(c), "sizes": Array(s)}),
-        "metrics": MetricRecord({"num-examples": n, "loss": float(pid), "partition-id": pid}),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+            "prototypes": ArrayRecord({"centroids": Array(c), "sizes": Array(s)}),
+            "metrics": MetricRecord({"num-examples": n, "loss": float(pid), "partition-id": pid}),
+        }
+    )
     return Message(content, reply_to=ins)
 
 
@@ -88,8 +96,7 @@ class FakeGrid:
 def make_strategy(base: str = "fedavg", schedule: str = "pretrain:3,align:1,finetune:2", **kw) -> FedDMMRStrategy:
     base_kwargs = {"min_available_nodes": 1, "min_train_nodes": 1, "min_evaluate_nodes": 1}
     base_kwargs.update(kw.pop("base_kwargs", {}))
-    return FedDMMRStrategy(schedule=schedule, base=base, base_kwargs=base_kwargs,
-                           trainable_names=TRAINABLE, **kw)
+    return FedDMMRStrategy(schedule=schedule, base=base, base_kwargs=base_kwargs, trainable_names=TRAINABLE, **kw)
 
 
 def configure(strategy: FedDMMRStrategy, rnd: int, arrays: ArrayRecord, nodes: list[int]) -> list[Message]:
@@ -106,8 +113,15 @@ def test_unknown_strategy_name_lists_choices() -> None:
 
 
 def test_make_base_strategy_passes_only_accepted_kwargs() -> None:
-    common = {"fraction_train": 0.2, "min_available_nodes": 3, "eta": 0.01, "server_momentum": 0.9,
-              "proximal_mu": 0.1, "beta": 0.1, "tau": None}
+    common = {
+        "fraction_train": 0.2,
+        "min_available_nodes": 3,
+        "eta": 0.01,
+        "server_momentum": 0.9,
+        "proximal_mu": 0.1,
+        "beta": 0.1,
+        "tau": None,
+    }
     avg = make_base_strategy("FedAvg", **common)
     assert type(avg) is FedAvg and avg.fraction_train == 0.2 and avg.min_available_nodes == 3
     adam = make_base_strategy("fedadam", **common)
@@ -125,17 +139,27 @@ def test_stage_schedule_parsing() -> None:
     s = parse_stage_schedule(" pretrain:2, align:0 ,finetune:3,align:1")
     assert [s.stage_for_round(r) for r in range(1, 7)] == ["pretrain"] * 2 + ["finetune"] * 3 + ["align"]
     assert [(b.stage, b.first_round, b.last_round) for b in s.boundaries] == [
-        ("pretrain", 1, 2), ("finetune", 3, 5), ("align", 6, 6)]
+        ("pretrain", 1, 2),
+        ("finetune", 3, 5),
+        ("align", 6, 6),
+    ]
     assert s.total_rounds == 6 and str(s) == "pretrain:2,align:0,finetune:3,align:1"
     with pytest.raises(ValueError, match="outside the stage schedule"):
         s.stage_for_round(7)
 
 
-@pytest.mark.parametrize("text, bad", [
-    ("", "empty"), ("pretrain", "'pretrain'"), ("pretrain:40,,align:2", "''"),
-    ("pretrain:x", "'x' is not an integer"), ("warmup:3", "unknown stage 'warmup'"),
-    ("pretrain:4,align:-1", "'align:-1'"), ("pretrain:0,align:0", "no rounds"),
-])
+@pytest.mark.parametrize(
+    "text, bad",
+    [
+        ("", "empty"),
+        ("pretrain", "'pretrain'"),
+        ("pretrain:40,,align:2", "''"),
+        ("pretrain:x", "'x' is not an integer"),
+        ("warmup:3", "unknown stage 'warmup'"),
+        ("pretrain:4,align:-1", "'align:-1'"),
+        ("pretrain:0,align:0", "no rounds"),
+    ],
+)
 def test_stage_schedule_errors_name_the_bad_part(text: str, bad: str) -> None:
     with pytest.raises(ValueError, match=bad):
         StageSchedule.parse(text)
@@ -153,7 +177,12 @@ def test_configure_train_sends_full_model_prototypes_and_round_config() -> None:
     assert content["prototypes"]["centroids"].numpy().shape == (0, 3)
     cfg = content["config"]
     assert (cfg["server-round"], cfg["stage"], cfg["stage-round"], cfg["lr"], cfg["local-epochs"]) == (
-        4, "align", 1, 0.01, 1)
+        4,
+        "align",
+        1,
+        0.01,
+        1,
+    )
     assert dict(shared) == {"lr": 0.1, "local-epochs": 1}  # start()'s shared config untouched
 
 
@@ -189,9 +218,15 @@ def test_fedadam_with_subsets_matches_stock_fedadam_and_survives_stage_change() 
         # Stock FedAdam on the subset alone must give the same trainable tensors.
         subset = ArrayRecord({k: g[k] for k in ("emb", "w")})
         (sins,) = stock.configure_train(rnd, subset, ConfigRecord(), FakeGrid({5: lambda m: m}))
-        sub_reply = Message(RecordDict({
-            "arrays": ArrayRecord({k: Array(v) for k, v in update.items()}),
-            "metrics": MetricRecord({"num-examples": 2})}), reply_to=sins)
+        sub_reply = Message(
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({k: Array(v) for k, v in update.items()}),
+                    "metrics": MetricRecord({"num-examples": 2}),
+                }
+            ),
+            reply_to=sins,
+        )
         expected, _ = stock.aggregate_train(rnd, [sub_reply])
         for k in ("emb", "w"):
             np.testing.assert_allclose(new[k].numpy(), expected[k].numpy(), rtol=1e-5)
@@ -217,11 +252,13 @@ def test_bad_replies_are_rejected_and_logged_while_others_aggregate(caplog: pyte
     nan = {"emb": gn["emb"].copy(), "w": gn["w"]}
     nan["emb"][0, 0] = np.nan
     replies = [
-        reply(ins[0], good[0], 1, 0), reply(ins[1], good[1], 1, 1), reply(ins[2], good[2], 2, 2),
+        reply(ins[0], good[0], 1, 0),
+        reply(ins[1], good[1], 1, 1),
+        reply(ins[2], good[2], 2, 2),
         reply(ins[3], nan, 1, 3),
-        reply(ins[4], {"emb": gn["emb"], "w": np.zeros((3, 2), np.float32)}, 1, 4),   # wrong shape
-        reply(ins[5], {"emb": gn["emb"], "w": gn["w"], "b": gn["b"]}, 1, 5),          # frozen sent
-        reply(ins[6], {"emb": gn["emb"] + 1e3, "w": gn["w"]}, 1, 6),                  # norm outlier
+        reply(ins[4], {"emb": gn["emb"], "w": np.zeros((3, 2), np.float32)}, 1, 4),  # wrong shape
+        reply(ins[5], {"emb": gn["emb"], "w": gn["w"], "b": gn["b"]}, 1, 5),  # frozen sent
+        reply(ins[6], {"emb": gn["emb"] + 1e3, "w": gn["w"]}, 1, 6),  # norm outlier
     ]
     with caplog.at_level(logging.WARNING, logger="flwr"):
         arrays, metrics = st.aggregate_train(1, replies)
@@ -242,8 +279,9 @@ def test_all_rejected_keeps_global_and_error_replies_are_failures() -> None:
     g = global_arrays()
     gn = to_np(g)
     a, b = configure(st, 1, g, [1, 2])
-    st.aggregate_train(1, [reply(a, {"emb": gn["emb"], "w": gn["w"]}, 1, 40),
-                           reply(b, {"emb": gn["emb"], "w": gn["w"]}, 1, 41)])
+    st.aggregate_train(
+        1, [reply(a, {"emb": gn["emb"], "w": gn["w"]}, 1, 40), reply(b, {"emb": gn["emb"], "w": gn["w"]}, 1, 41)]
+    )
     a, b = configure(st, 2, g, [1, 2])
     bad = {"emb": np.full(SHAPES["emb"], np.inf, np.float32), "w": gn["w"]}
     for m in (a, b):  # ids as a Grid sets them when pushing
@@ -278,8 +316,11 @@ def test_first_round_weighted_kmeans_is_deterministic_and_order_free() -> None:
     np.testing.assert_array_equal(r1.prototypes, r3.prototypes)
     assert r1.slot_weights.sum() == pytest.approx(sum(s.sum() for _, s in clients))
     # Fewer distinct centroids than K -> that many prototypes; weights pull the centre.
-    few = aggregate_prototypes(None, [(np.array([[0.0, 0], [0, 0]]), np.array([1.0, 1])),
-                                      (np.array([[4.0, 0]]), np.array([2.0]))], num_prototypes=5)
+    few = aggregate_prototypes(
+        None,
+        [(np.array([[0.0, 0], [0, 0]]), np.array([1.0, 1])), (np.array([[4.0, 0]]), np.array([2.0]))],
+        num_prototypes=5,
+    )
     assert few.prototypes is not None and few.prototypes.shape == (2, 2)
     one = aggregate_prototypes(None, [(np.array([[0.0, 0], [4, 0]]), np.array([1.0, 3]))], num_prototypes=1)
     np.testing.assert_allclose(one.prototypes, [[3.0, 0.0]])
@@ -327,11 +368,14 @@ def test_strategy_stores_and_sends_aggregated_prototypes() -> None:
     gn = to_np(g)
     a, b, c = configure(st, 1, g, [1, 2, 3])
     keep = {"emb": gn["emb"], "w": gn["w"]}
-    st.aggregate_train(1, [
-        reply(a, keep, 1, 0, np.array([[1.0, 0, 0], [0, 1, 0]]), np.array([3, 4])),
-        reply(b, keep, 1, 1),  # k = 0
-        reply(c, keep, 1, 2, np.ones((1, 5)), np.ones(1)),  # wrong P: only its prototypes are ignored
-    ])
+    st.aggregate_train(
+        1,
+        [
+            reply(a, keep, 1, 0, np.array([[1.0, 0, 0], [0, 1, 0]]), np.array([3, 4])),
+            reply(b, keep, 1, 1),  # k = 0
+            reply(c, keep, 1, 2, np.ones((1, 5)), np.ones(1)),  # wrong P: only its prototypes are ignored
+        ],
+    )
     assert st.prototypes is not None and st.prototypes.shape == (2, 3)
     assert st.prototype_rejected[1][0]["partition_id"] == 2 and st.rejected[1] == []
     (m,) = configure(st, 2, g, [1])
@@ -349,22 +393,34 @@ def test_start_runs_all_stages_with_fedadam_and_evaluation() -> None:
                 assert cfg["split"] == ("valid" if rnd else "test")
                 assert "centroids" in ins.content["prototypes"]
                 score = 0.1 * rnd + 0.01 * pid
-                return Message(RecordDict({"metrics": MetricRecord(
-                    {"num-examples": 1, "NDCG@10": score, "partition-id": pid})}), reply_to=ins)
+                return Message(
+                    RecordDict({"metrics": MetricRecord({"num-examples": 1, "NDCG@10": score, "partition-id": pid})}),
+                    reply_to=ins,
+                )
             names = TRAINABLE[cfg["stage"]]
             upd = {k: full[k] + 0.1 * (pid + 1) for k in names}
             rng = np.random.default_rng(pid + 10 * cfg["server-round"])
             return reply(ins, upd, pid + 1, pid, rng.normal(size=(2, 3)), np.array([2.0, 3.0]))
+
         return handle
 
     grid = FakeGrid({100 + p: client(p) for p in range(3)})
-    st = make_strategy("fedadam", schedule="pretrain:2,align:1,finetune:2",
-                       evaluate_node_ids=[100, 102], evaluate_every=2, prototype_dim=3)
+    st = make_strategy(
+        "fedadam",
+        schedule="pretrain:2,align:1,finetune:2",
+        evaluate_node_ids=[100, 102],
+        evaluate_every=2,
+        prototype_dim=3,
+    )
     seen: list[int] = []
     g0 = global_arrays()
-    result = st.start(grid=grid, initial_arrays=g0, num_rounds=st.schedule.total_rounds,
-                      train_config=ConfigRecord({"local-epochs": 1}),
-                      evaluate_fn=lambda rnd, arrays: seen.append(rnd) or None)
+    result = st.start(
+        grid=grid,
+        initial_arrays=g0,
+        num_rounds=st.schedule.total_rounds,
+        train_config=ConfigRecord({"local-epochs": 1}),
+        evaluate_fn=lambda rnd, arrays: seen.append(rnd) or None,
+    )
     assert seen == [0, 1, 2, 3, 4, 5]
     assert set(result.arrays.keys()) == set(SHAPES)
     assert sorted(result.train_metrics_clientapp) == [1, 2, 3, 4, 5]
@@ -377,7 +433,9 @@ def test_start_runs_all_stages_with_fedadam_and_evaluation() -> None:
     for b in b_before_align:
         np.testing.assert_array_equal(b, g0["b"].numpy())
     emb_after = to_np(result.arrays)["emb"]
-    emb_at_align = [to_np(m.content["arrays"])["emb"] for m in train_msgs if m.content["config"]["server-round"] == 3][0]
+    emb_at_align = [to_np(m.content["arrays"])["emb"] for m in train_msgs if m.content["config"]["server-round"] == 3][
+        0
+    ]
     np.testing.assert_array_equal(emb_after, emb_at_align)
     eval_nodes = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == MessageType.EVALUATE}
     assert eval_nodes == {100, 102}
@@ -385,8 +443,9 @@ def test_start_runs_all_stages_with_fedadam_and_evaluation() -> None:
     assert test is not None and test["num-replies"] == 3
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
-                                  "fedprox", "fedmedian", "fedtrimmedavg"])
+@pytest.mark.parametrize(
+    "name", ["fedavg", "fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedprox", "fedmedian", "fedtrimmedavg"]
+)
 def test_every_base_strategy_runs_two_stages(name: str) -> None:
     configs: list[ConfigRecord] = []
 
@@ -398,8 +457,11 @@ def test_every_base_strategy_runs_two_stages(name: str) -> None:
         return reply(ins, {k: full[k] + 0.01 * pid for k in TRAINABLE[cfg["stage"]]}, 1, pid)
 
     grid = FakeGrid({n: handle for n in (1, 2, 3)})
-    st = make_strategy(name, schedule="pretrain:2,finetune:1",
-                       base_kwargs={"fraction_evaluate": 0.0, "server_momentum": 0.5, "proximal_mu": 0.1})
+    st = make_strategy(
+        name,
+        schedule="pretrain:2,finetune:1",
+        base_kwargs={"fraction_evaluate": 0.0, "server_momentum": 0.5, "proximal_mu": 0.1},
+    )
     g0 = global_arrays()
     result = st.start(grid=grid, initial_arrays=g0, num_rounds=3)
     out, g0n = to_np(result.arrays), to_np(g0)
@@ -432,10 +494,12 @@ def _bad_update(kind: str, gn: dict[str, np.ndarray]) -> tuple[dict[str, np.ndar
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["nan", "+inf", "-inf", "wrong-shape", "missing-key", "extra-key",
-                                  "absurd-norm", "zero-weight"])
+@pytest.mark.parametrize(
+    "kind", ["nan", "+inf", "-inf", "wrong-shape", "missing-key", "extra-key", "absurd-norm", "zero-weight"]
+)
 def test_each_bad_update_is_rejected_with_partition_id_and_the_round_completes(
-        kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
     st = make_strategy("fedadam", base_kwargs={"eta": 0.1})
     g = global_arrays()
     gn = to_np(g)
@@ -443,8 +507,15 @@ def test_each_bad_update_is_rejected_with_partition_id_and_the_round_completes(
     good = [{"emb": gn["emb"] + d, "w": gn["w"] + d} for d in (0.1, 0.2, 0.3)]
     bad, n, reason = _bad_update(kind, gn)
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        arrays, metrics = st.aggregate_train(1, [reply(ins[0], good[0], 1, 10), reply(ins[1], good[1], 1, 11),
-                                                 reply(ins[2], bad, n, 77), reply(ins[3], good[2], 1, 12)])
+        arrays, metrics = st.aggregate_train(
+            1,
+            [
+                reply(ins[0], good[0], 1, 10),
+                reply(ins[1], good[1], 1, 11),
+                reply(ins[2], bad, n, 77),
+                reply(ins[3], good[2], 1, 12),
+            ],
+        )
     assert [(r["partition_id"], r["node_id"]) for r in st.rejected[1]] == [(77, 203)]
     assert reason in st.rejected[1][0]["reason"]
     assert "partition-id 77" in caplog.text and reason.split(":")[0] in caplog.text
@@ -461,8 +532,9 @@ def test_norm_below_the_outlier_factor_is_accepted() -> None:
     gn = to_np(g)
     ins = configure(st, 1, g, [1, 2, 3, 4])
     deltas = (0.1, 0.2, 0.3, 24.0)  # 96 x the median (0.25): large, but under 100 x
-    _, metrics = st.aggregate_train(1, [reply(m, {"emb": gn["emb"] + d, "w": gn["w"] + d}, 1, i)
-                                        for i, (m, d) in enumerate(zip(ins, deltas))])
+    _, metrics = st.aggregate_train(
+        1, [reply(m, {"emb": gn["emb"] + d, "w": gn["w"] + d}, 1, i) for i, (m, d) in enumerate(zip(ins, deltas))]
+    )
     assert metrics["num-accepted"] == 4 and st.rejected[1] == []
 
 
@@ -476,9 +548,18 @@ def test_the_base_aggregating_one_packed_vector_equals_aggregating_each_array(ba
         for rnd in (1, 2, 3):
             msgs = configure(strategy, rnd, arrays, [1, 2, 3, 4])
             current = to_np(arrays)
-            replies = [reply(m, {k: current[k] + rng.normal(scale=0.1, size=current[k].shape).astype(np.float32)
-                                 for k in TRAINABLE["pretrain"]}, n=10 * (i + 1), pid=i)
-                       for i, m in enumerate(msgs)]
+            replies = [
+                reply(
+                    m,
+                    {
+                        k: current[k] + rng.normal(scale=0.1, size=current[k].shape).astype(np.float32)
+                        for k in TRAINABLE["pretrain"]
+                    },
+                    n=10 * (i + 1),
+                    pid=i,
+                )
+                for i, m in enumerate(msgs)
+            ]
             arrays, _ = strategy.aggregate_train(rnd, replies)
         results[packed] = to_np(arrays)
         assert strategy._pack_base == packed

@@ -12,8 +12,11 @@ from feddmmr_flower.packing import pack, packable, unpack
 
 def _arrays(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"emb.weight": rng.standard_normal((7, 4)).astype(np.float32),
-            "ln.bias": rng.standard_normal(4).astype(np.float32), "scalar": np.float32(rng.standard_normal(()))}
+    return {
+        "emb.weight": rng.standard_normal((7, 4)).astype(np.float32),
+        "ln.bias": rng.standard_normal(4).astype(np.float32),
+        "scalar": np.float32(rng.standard_normal(())),
+    }
 
 
 def test_pack_round_trip_is_exact_and_keeps_order():
@@ -26,11 +29,14 @@ def test_pack_round_trip_is_exact_and_keeps_order():
         assert back[name].shape == np.shape(value) and np.array_equal(back[name], value)
 
 
-@pytest.mark.parametrize("flat, layout, problem", [
-    (np.zeros(5, np.float32), '[["a", [2, 2]]]', "does not match"),
-    (np.zeros((2, 2), np.float32), '[["a", [2, 2]]]', "does not match"),
-    (np.zeros(4, np.float32), "not json", "unreadable layout"),
-])
+@pytest.mark.parametrize(
+    "flat, layout, problem",
+    [
+        (np.zeros(5, np.float32), '[["a", [2, 2]]]', "does not match"),
+        (np.zeros((2, 2), np.float32), '[["a", [2, 2]]]', "does not match"),
+        (np.zeros(4, np.float32), "not json", "unreadable layout"),
+    ],
+)
 def test_a_vector_that_does_not_fit_its_layout_is_refused(flat, layout, problem):
     with pytest.raises(ValueError, match=problem):
         unpack(flat, layout)
@@ -43,9 +49,13 @@ def test_only_several_float32_arrays_are_packed():
 
 
 def _content(arrays: dict[str, np.ndarray]) -> RecordDict:
-    return RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
-                       "prototypes": ArrayRecord({"centroids": Array(np.ones((2, 3), np.float32))}),
-                       "config": ConfigRecord({"stage": "pretrain"})})
+    return RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+            "prototypes": ArrayRecord({"centroids": Array(np.ones((2, 3), np.float32))}),
+            "config": ConfigRecord({"stage": "pretrain"}),
+        }
+    )
 
 
 def test_content_packs_into_one_array_and_back():
@@ -59,8 +69,17 @@ def test_content_packs_into_one_array_and_back():
 
 
 def _message(content: RecordDict) -> Message:
-    metadata = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=3, reply_to_message_id="",
-                        group_id="", created_at=0.0, ttl=60.0, message_type="train")
+    metadata = Metadata(
+        run_id=1,
+        message_id="m",
+        src_node_id=0,
+        dst_node_id=3,
+        reply_to_message_id="",
+        group_id="",
+        created_at=0.0,
+        ttl=60.0,
+        message_type="train",
+    )
     return Message(content=content, metadata=metadata)
 
 
@@ -86,8 +105,9 @@ def test_without_dp_the_app_reads_the_packed_model_and_replies_packed():
         arrays = read_arrays(msg.content)
         assert list(arrays) == list(_arrays())
         update = {k: v + 1 for k, v in arrays.items()}
-        return Message(content=RecordDict(arrays_record(update, packed="layout" in msg.content.config_records)),
-                       reply_to=msg)
+        return Message(
+            content=RecordDict(arrays_record(update, packed="layout" in msg.content.config_records)), reply_to=msg
+        )
 
     context = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={"dp-mode": "off"})
     reply = wire_mod(_message(pack_content(_content(_arrays()))), context, app)
@@ -97,10 +117,18 @@ def test_without_dp_the_app_reads_the_packed_model_and_replies_packed():
         assert back[name].shape == np.shape(value) and np.array_equal(back[name], np.asarray(value) + 1)
 
 
-@pytest.mark.parametrize("value", [
-    np.array(3.0, np.float32), np.arange(12, dtype=np.float32).reshape(3, 4), np.arange(5), np.array([True, False]),
-    np.zeros((0, 5), np.float32), np.arange(12.0).reshape(3, 4).T, np.array([1, 2], dtype=">i4"),
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.array(3.0, np.float32),
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.arange(5),
+        np.array([True, False]),
+        np.zeros((0, 5), np.float32),
+        np.arange(12.0).reshape(3, 4).T,
+        np.array([1, 2], dtype=">i4"),
+    ],
+)
 def test_fast_array_conversion_writes_and_reads_what_flower_does(value):
     ours, flowers = to_array(value), Array(np.ascontiguousarray(value) if value.ndim else value)
     assert ours.data == flowers.data and ours.dtype == flowers.dtype and tuple(ours.shape) == tuple(flowers.shape)
@@ -112,6 +140,7 @@ def test_fast_array_conversion_writes_and_reads_what_flower_does(value):
 
 def test_the_client_mod_leaves_unpacked_messages_alone():
     context = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={})
-    reply = wire_mod(_message(_content(_arrays())), context,
-                     lambda msg, ctx: Message(content=_content(_arrays(1)), reply_to=msg))
+    reply = wire_mod(
+        _message(_content(_arrays())), context, lambda msg, ctx: Message(content=_content(_arrays(1)), reply_to=msg)
+    )
     assert "packed" not in reply.content.array_records["arrays"]

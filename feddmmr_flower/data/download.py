@@ -103,8 +103,11 @@ def ensure_dataset(
                 raise DataFormatError(url, f"md5 checksum mismatch: expected {expected}, got {actual}")
         try:
             with zipfile.ZipFile(archive) as zipped:
-                members = [m for m in zipped.namelist() if Path(m).name in source.required_files or
-                           Path(m).parent.name == name or "/" not in m.rstrip("/")]
+                members = [
+                    m
+                    for m in zipped.namelist()
+                    if Path(m).name in source.required_files or Path(m).parent.name == name or "/" not in m.rstrip("/")
+                ]
                 zipped.extractall(Path(tmp) / "unpacked", members)
         except zipfile.BadZipFile:
             raise DataFormatError(url, "not a zip archive") from None

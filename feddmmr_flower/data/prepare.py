@@ -10,7 +10,6 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -38,7 +37,9 @@ class PrepareOptions:
         if self.top_users is not None and self.top_users < 1:
             raise ConfigError(f"top_users must be >= 1, got {self.top_users}")
         if self.min_seq_len < 3:
-            raise ConfigError(f"min_seq_len must be >= 3 (train, valid and test need one item each), got {self.min_seq_len}")
+            raise ConfigError(
+                f"min_seq_len must be >= 3 (train, valid and test need one item each), got {self.min_seq_len}"
+            )
 
 
 def _id_order(raw_ids: np.ndarray) -> np.ndarray:
@@ -102,6 +103,7 @@ def build_sequences(raw: RawData, options: PrepareOptions) -> SequenceData:
     np.cumsum(np.bincount(user_index, minlength=len(kept_users)), out=offsets[1:])
 
     table = raw.items
+
     def column(name: str) -> np.ndarray:
         values = np.full(len(item_raw_ids), "", dtype=object)
         if name in table.columns:
@@ -111,14 +113,25 @@ def build_sequences(raw: RawData, options: PrepareOptions) -> SequenceData:
 
     extra = {name: column(name) for name in ("description", "image") if name in table.columns}
     return SequenceData(
-        items=seq_items, timestamps=seq_stamps, offsets=offsets,
-        user_raw_ids=user_raw_ids.astype(str), item_raw_ids=item_raw_ids.astype(str),
-        item_titles=column("title"), item_genres=column("genres"), item_extra=extra,
+        items=seq_items,
+        timestamps=seq_stamps,
+        offsets=offsets,
+        user_raw_ids=user_raw_ids.astype(str),
+        item_raw_ids=item_raw_ids.astype(str),
+        item_titles=column("title"),
+        item_genres=column("genres"),
+        item_extra=extra,
     )
 
 
-def read_raw(options: PrepareOptions, data_dir: Path, *, items_file: Path | None = None,
-             download_url: str | None = None, download: bool = True) -> RawData:
+def read_raw(
+    options: PrepareOptions,
+    data_dir: Path,
+    *,
+    items_file: Path | None = None,
+    download_url: str | None = None,
+    download: bool = True,
+) -> RawData:
     from .readers import read_csv_dataset, read_ml1m, read_ml100k
 
     data_dir = Path(data_dir)
@@ -135,6 +148,7 @@ def _find_csv(folder: Path) -> Path:
         if (folder / name).is_file():
             return folder / name
     from ..errors import MissingDataError
+
     raise MissingDataError(f"{folder}: no interactions.csv or interactions.tsv (or pass the file itself as --data-dir)")
 
 

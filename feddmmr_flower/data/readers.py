@@ -20,9 +20,25 @@ import pandas as pd
 from ..errors import DataFormatError, MissingDataError
 
 ML100K_GENRES = [
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
-    "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 ]
 
 ITEM_TABLE_COLUMNS = ("title", "genres", "description", "image")
@@ -83,9 +99,16 @@ def read_delimited(
         )
     try:
         frame = pd.read_csv(
-            io.StringIO(text), sep=parse_sep, header=None, names=list(range(num_fields)),
-            dtype=str, keep_default_na=False, na_filter=False, skip_blank_lines=False,
-            quoting=quoting, engine="c",
+            io.StringIO(text),
+            sep=parse_sep,
+            header=None,
+            names=list(range(num_fields)),
+            dtype=str,
+            keep_default_na=False,
+            na_filter=False,
+            skip_blank_lines=False,
+            quoting=quoting,
+            engine="c",
         )
     except pd.errors.ParserError as exc:
         match = re.search(r"line (\d+), saw (\d+)", str(exc))
@@ -148,16 +171,18 @@ def parse_timestamp_column(frame: pd.DataFrame, column: str, path: Path) -> np.n
     if bad.any():
         row = int(np.argmax(bad))
         raise DataFormatError(
-            path, f"{problem}, got {values.iloc[row]!r}", row + frame.attrs.get("first_line", 1),
+            path,
+            f"{problem}, got {values.iloc[row]!r}",
+            row + frame.attrs.get("first_line", 1),
         )
     # Seconds since the epoch whatever the datetime unit (pandas >= 3 parses to microseconds).
     return ((dates - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(dtype=np.int64)
 
 
 def _interactions(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame({
-        "user": users.astype(str), "item": items.astype(str), "timestamp": timestamps.astype(np.int64)
-    })
+    return pd.DataFrame(
+        {"user": users.astype(str), "item": items.astype(str), "timestamp": timestamps.astype(np.int64)}
+    )
 
 
 def read_ml100k(data_dir: Path) -> RawData:
@@ -241,7 +266,9 @@ def read_csv_dataset(interactions_path: Path, items_path: Path | None = None, se
         ratings = pd.to_numeric(frame["rating"].str.strip(), errors="coerce")
         if ratings.isna().any():
             row = int(np.argmax(ratings.isna().to_numpy()))
-            raise DataFormatError(interactions_path, f"rating must be a number, got {frame['rating'].iloc[row]!r}", row + first)
+            raise DataFormatError(
+                interactions_path, f"rating must be a number, got {frame['rating'].iloc[row]!r}", row + first
+            )
     interactions = _interactions(frame["user"].str.strip().to_numpy(), frame["item"].str.strip().to_numpy(), stamps)
     files = [interactions_path]
     if items_path is not None:

@@ -55,7 +55,7 @@ class SequenceData:
         return np.diff(self.offsets)
 
     def sequence(self, user: int) -> np.ndarray:
-        return self.items[self.offsets[user]: self.offsets[user + 1]]
+        return self.items[self.offsets[user] : self.offsets[user + 1]]
 
     def train_lengths(self, users: np.ndarray | None = None) -> np.ndarray:
         lengths = self.lengths if users is None else self.lengths[np.asarray(users)]
@@ -138,9 +138,13 @@ class SequenceData:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         arrays = dict(
-            items=self.items, timestamps=self.timestamps, offsets=self.offsets,
-            user_raw_ids=self.user_raw_ids.astype(str), item_raw_ids=self.item_raw_ids.astype(str),
-            item_titles=self.item_titles.astype(str), item_genres=self.item_genres.astype(str),
+            items=self.items,
+            timestamps=self.timestamps,
+            offsets=self.offsets,
+            user_raw_ids=self.user_raw_ids.astype(str),
+            item_raw_ids=self.item_raw_ids.astype(str),
+            item_titles=self.item_titles.astype(str),
+            item_genres=self.item_genres.astype(str),
             **{f"extra_{k}": v.astype(str) for k, v in self.item_extra.items()},
         )
         with atomic_path(folder / "sequences.npz") as tmp, tmp.open("wb") as handle:
@@ -148,7 +152,7 @@ class SequenceData:
         atomic_write_json(folder / "manifest.json", self.manifest)  # last: a cache hit needs both
 
     @classmethod
-    def load(cls, folder: Path) -> "SequenceData":
+    def load(cls, folder: Path) -> SequenceData:
         folder = Path(folder)
         path = folder / "sequences.npz"
         try:
@@ -156,10 +160,14 @@ class SequenceData:
                 arrays = {k: data[k] for k in data.files}
             manifest = json.loads((folder / "manifest.json").read_text())
         except FileNotFoundError as exc:
-            raise DataFormatError(folder, f"not a prepared dataset folder ({Path(exc.filename).name} missing)") from None
+            raise DataFormatError(
+                folder, f"not a prepared dataset folder ({Path(exc.filename).name} missing)"
+            ) from None
         except (ValueError, OSError, EOFError, json.JSONDecodeError, zipfile.BadZipFile) as exc:
-            raise DataFormatError(path, f"unreadable prepared dataset ({exc}); delete {folder} to prepare it again") from None
-        extra = {k[len("extra_"):]: arrays.pop(k) for k in list(arrays) if k.startswith("extra_")}
+            raise DataFormatError(
+                path, f"unreadable prepared dataset ({exc}); delete {folder} to prepare it again"
+            ) from None
+        extra = {k[len("extra_") :]: arrays.pop(k) for k in list(arrays) if k.startswith("extra_")}
         return cls(**arrays, manifest=manifest, item_extra=extra)
 
 

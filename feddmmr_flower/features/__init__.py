@@ -18,7 +18,19 @@ from .text import DEFAULT_TEXT_MODEL, encode_texts, item_texts, load_description
 from .visual import DEFAULT_CLIP_MODEL, RANDOM_INIT, encode_images, poster_paths
 
 __all__ = [
-    "COMPUTE_COUNT", "DEFAULT_CLIP_MODEL", "DEFAULT_TEXT_MODEL", "KINDS", "RANDOM_INIT", "FeatureTable",
-    "compute_item_features", "compute_or_load_features", "encode_images", "encode_texts", "features_summary",
-    "item_texts", "load_descriptions", "poster_paths", "run_features",
+    "COMPUTE_COUNT",
+    "DEFAULT_CLIP_MODEL",
+    "DEFAULT_TEXT_MODEL",
+    "KINDS",
+    "RANDOM_INIT",
+    "FeatureTable",
+    "compute_item_features",
+    "compute_or_load_features",
+    "encode_images",
+    "encode_texts",
+    "features_summary",
+    "item_texts",
+    "load_descriptions",
+    "poster_paths",
+    "run_features",
 ]

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zipfile
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +54,9 @@ class FeatureTable:
         """Share of real items (padding excluded) that have this feature."""
         return float(self.mask[1:].mean()) if self.num_items > 0 else 0.0
 
-    def validate(self, where: str | Path, expected_num_items: int | None = None, expected_dim: int | None = None) -> None:
+    def validate(
+        self, where: str | Path, expected_num_items: int | None = None, expected_dim: int | None = None
+    ) -> None:
         """Raise ``FeatureError`` naming ``where`` and the first thing that is wrong."""
         v, m = self.vectors, self.mask
         if v.ndim != 2:
@@ -70,7 +72,9 @@ class FeatureTable:
             raise FeatureError(f"feature file {where}: mask has shape {m.shape} ({m.dtype}), expected ({len(v)},) bool")
         finite = np.isfinite(v).all(axis=1)
         if not finite.all():
-            raise FeatureError(f"feature file {where}: non-finite values (NaN/Inf) in {int((~finite).sum())} rows, first row {int(np.argmin(finite))}")
+            raise FeatureError(
+                f"feature file {where}: non-finite values (NaN/Inf) in {int((~finite).sum())} rows, first row {int(np.argmin(finite))}"
+            )
         if m[0] or np.any(v[0]):
             raise FeatureError(f"feature file {where}: row 0 (padding) must be zero with mask 0")
         stray = ~m & np.any(v != 0, axis=1)
@@ -80,7 +84,9 @@ class FeatureTable:
         off = np.abs(norms - 1.0) > NORM_TOLERANCE
         if off.any():
             row = int(np.flatnonzero(m)[np.argmax(off)])
-            raise FeatureError(f"feature file {where}: row {row} has norm {norms[np.argmax(off)]:.4f}, expected unit length")
+            raise FeatureError(
+                f"feature file {where}: row {row} has norm {norms[np.argmax(off)]:.4f}, expected unit length"
+            )
 
     def save(self, path: Path) -> Path:
         """Write ``<path>.npz`` (vectors, mask, meta) + a ``.json`` sidecar, each atomically."""
@@ -88,8 +94,14 @@ class FeatureTable:
         self.vectors = np.ascontiguousarray(self.vectors, dtype=np.float32)
         self.mask = np.asarray(self.mask, dtype=bool)
         self.validate(path)
-        self.meta = {**self.meta, "name": self.name, "num_items": self.num_items, "dim": self.dim,
-                     "coverage": round(self.coverage, 6), "format": FORMAT_VERSION}
+        self.meta = {
+            **self.meta,
+            "name": self.name,
+            "num_items": self.num_items,
+            "dim": self.dim,
+            "coverage": round(self.coverage, 6),
+            "format": FORMAT_VERSION,
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp, tmp.open("wb") as handle:
             np.savez(handle, vectors=self.vectors, mask=self.mask, meta_json=np.array(json.dumps(self.meta)))
@@ -104,7 +116,7 @@ class FeatureTable:
         expected_num_items: int,
         expected_dim: int | None = None,
         expected_dataset_key: str | None = None,
-    ) -> "FeatureTable":
+    ) -> FeatureTable:
         """Read and check a table; every mismatch with the dataset is a ``FeatureError``."""
         path = Path(path)
         if not path.is_file():
@@ -189,8 +201,14 @@ def _text_job(data: SequenceData, descriptions: Path | None, text_model: str | N
     return parts, meta
 
 
-def _compute_text(data: SequenceData, descriptions: Path | None, text_model: str | None,
-                  device: str, batch_size: int | None, meta: dict) -> tuple[np.ndarray, np.ndarray]:
+def _compute_text(
+    data: SequenceData,
+    descriptions: Path | None,
+    text_model: str | None,
+    device: str,
+    batch_size: int | None,
+    meta: dict,
+) -> tuple[np.ndarray, np.ndarray]:
     table = text_mod.load_descriptions(descriptions) if descriptions is not None else None
     if table is not None:
         matched = sum(1 for raw in data.item_raw_ids[1:] if table.get(str(raw).strip(), "").strip())
@@ -205,11 +223,22 @@ def _compute_text(data: SequenceData, descriptions: Path | None, text_model: str
     return vectors, mask
 
 
-def _visual_job(data: SequenceData, posters_dir: Path | None, movies_dat: Path | None, dataset: str | None,
-                clip_model: str, clip_pretrained: str | Path | None) -> tuple[dict, dict]:
+def _visual_job(
+    data: SequenceData,
+    posters_dir: Path | None,
+    movies_dat: Path | None,
+    dataset: str | None,
+    clip_model: str,
+    clip_pretrained: str | Path | None,
+) -> tuple[dict, dict]:
     kind = visual_mod.dataset_name(data, dataset)
-    parts: dict = {"model": clip_model, "weights": _weights_spec(clip_pretrained), "dataset": kind,
-                   "posters": None, "movies_dat": None}
+    parts: dict = {
+        "model": clip_model,
+        "weights": _weights_spec(clip_pretrained),
+        "dataset": kind,
+        "posters": None,
+        "movies_dat": None,
+    }
     meta = {"model": clip_model, "pretrained": visual_mod.pretrained_label(clip_pretrained), "dataset": kind}
     if clip_pretrained is None:
         meta["init_seed"] = visual_mod.RANDOM_INIT_SEED
@@ -224,7 +253,9 @@ def _visual_job(data: SequenceData, posters_dir: Path | None, movies_dat: Path |
     if kind == "ml-100k":
         movies_dat = Path(movies_dat) if movies_dat is not None else posters_dir.parent / "movies.dat"
         if not movies_dat.is_file():
-            raise MissingDataError(f"{movies_dat}: ML-1M movies.dat not found (needed to map ML-100K titles to posters)")
+            raise MissingDataError(
+                f"{movies_dat}: ML-1M movies.dat not found (needed to map ML-100K titles to posters)"
+            )
         parts["movies_dat"] = file_digest(movies_dat, "sha256")
         meta["movies_dat"] = str(movies_dat.resolve())
     return parts, meta
@@ -259,8 +290,9 @@ def compute_or_load_features(
         parts, meta = _text_job(data, descriptions, text_model)
     else:
         parts, meta = _visual_job(data, posters_dir, movies_dat, dataset, clip_model, clip_pretrained)
-    key = _digest({"format": FORMAT_VERSION, "kind": kind, "dataset_key": dataset_key,
-                   "items": item_table_digest(data), **parts})
+    key = _digest(
+        {"format": FORMAT_VERSION, "kind": kind, "dataset_key": dataset_key, "items": item_table_digest(data), **parts}
+    )
     path = Path(cache_dir) / f"{kind}-{key}.npz"
     if path.is_file() and not force:
         _log(verbose, f"{kind} features: cached {path}")
@@ -277,8 +309,13 @@ def compute_or_load_features(
     if not mask[1:].any():
         what = "a text (no title, genres or description)" if kind == "text" else "an image"
         raise FeatureError(f"no item of this dataset has {what}: nothing to compute {kind} features from")
-    meta.update(kind=kind, dataset_cache_key=dataset_key, cache_key=key, seconds=round(time.perf_counter() - started, 2),
-                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    meta.update(
+        kind=kind,
+        dataset_cache_key=dataset_key,
+        cache_key=key,
+        seconds=round(time.perf_counter() - started, 2),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
     table = FeatureTable(kind, vectors, mask, meta)
     table.save(path)
     _log(verbose, f"{kind} features: {int(mask.sum())}/{data.num_items} items, {table.dim}-d -> {path}")
@@ -308,12 +345,29 @@ def compute_item_features(
     tables: dict[str, FeatureTable] = {}
     if text:
         tables["text"] = compute_or_load_features(
-            data, "text", cache_dir, descriptions=descriptions, text_model=text_model,
-            device=device, force=force, verbose=verbose)
+            data,
+            "text",
+            cache_dir,
+            descriptions=descriptions,
+            text_model=text_model,
+            device=device,
+            force=force,
+            verbose=verbose,
+        )
     if visual:
         tables["visual"] = compute_or_load_features(
-            data, "visual", cache_dir, posters_dir=posters_dir, movies_dat=movies_dat, dataset=dataset,
-            clip_model=clip_model, clip_pretrained=clip_pretrained, device=device, force=force, verbose=verbose)
+            data,
+            "visual",
+            cache_dir,
+            posters_dir=posters_dir,
+            movies_dat=movies_dat,
+            dataset=dataset,
+            clip_model=clip_model,
+            clip_pretrained=clip_pretrained,
+            device=device,
+            force=force,
+            verbose=verbose,
+        )
     return tables
 
 

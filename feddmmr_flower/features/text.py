@@ -54,9 +54,7 @@ def load_descriptions(path: Path) -> dict[str, str]:
         )
     for key, value in payload.items():
         if not isinstance(value, str):
-            raise FeatureError(
-                f"{path}: description of item {key!r} must be a string, got {type(value).__name__}"
-            )
+            raise FeatureError(f"{path}: description of item {key!r} must be a string, got {type(value).__name__}")
     return {str(key).strip(): value for key, value in payload.items()}
 
 
@@ -132,7 +130,10 @@ def encode_texts(
     if not texts:
         return np.zeros((0, dim), dtype=np.float32)
     vectors = model.encode(
-        list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
+        list(texts),
+        batch_size=batch_size,
+        convert_to_numpy=True,
+        normalize_embeddings=True,
         show_progress_bar=sys.stderr.isatty() and len(texts) > 4 * batch_size,
     )
     return np.ascontiguousarray(vectors, dtype=np.float32)

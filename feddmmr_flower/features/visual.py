@@ -97,7 +97,9 @@ def poster_paths(
             path = Path(value)
             if not path.is_absolute():
                 if base is None:
-                    raise ConfigError(f"item {raw_ids[item]!r} has a relative image path {value!r}: pass the image folder")
+                    raise ConfigError(
+                        f"item {raw_ids[item]!r} has a relative image path {value!r}: pass the image folder"
+                    )
                 path = base / path
             if not path.is_file():
                 raise MissingDataError(f"{path}: image of item {raw_ids[item]!r} not found")
@@ -136,7 +138,9 @@ def load_clip(model_name: str = DEFAULT_CLIP_MODEL, pretrained: str | Path | Non
         if _looks_like_path(str(pretrained)):
             raise MissingDataError(f"{pretrained}: CLIP weights file not found")
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(model_name)[:6])
-        raise ConfigError(f"{pretrained!r} is neither a weights file nor a pretrained tag of {model_name} (tags: {tags}, ...)")
+        raise ConfigError(
+            f"{pretrained!r} is neither a weights file nor a pretrained tag of {model_name} (tags: {tags}, ...)"
+        )
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
@@ -190,7 +194,7 @@ def encode_images(
         with torch.inference_mode():
             dim = model.encode_image(torch.zeros(1, 3, 224, 224, device=device)).shape[-1]
     vectors = np.zeros((len(paths), int(dim)), dtype=np.float32)
-    batches = [todo[i: i + batch_size] for i in range(0, len(todo), batch_size)]
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     for batch in tqdm(batches, desc="images", unit="batch", disable=not sys.stderr.isatty() or len(batches) < 4):
         pixels = torch.stack([_read_image(paths[i], preprocess) for i in batch]).to(device)
         with torch.inference_mode():

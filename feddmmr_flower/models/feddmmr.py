@@ -123,8 +123,9 @@ class MemoryExpert(nn.Module):
         logits = logits.masked_fill(~visible[:, :, None, :], -math.inf)
         return torch.softmax(logits, -1).nan_to_num(0.0).mean(2)
 
-    def prefix_scores(self, queries: torch.Tensor, slots: torch.Tensor, usable: torch.Tensor,
-                      norm: nn.LayerNorm, emb: torch.Tensor) -> torch.Tensor:
+    def prefix_scores(
+        self, queries: torch.Tensor, slots: torch.Tensor, usable: torch.Tensor, norm: nn.LayerNorm, emb: torch.Tensor
+    ) -> torch.Tensor:
         """``norm(output) · emb`` [B, Q, S + 1] when only the first k slots are visible, k = 0..S.
 
         Exact closed form, so no [B, Q, S + 1, D] output is ever built: with attention weights
@@ -215,8 +216,10 @@ class FedDMMR(nn.Module):
     # ------------------------------------------------------------- features
     def set_features(self, visual=None, visual_mask=None, text=None, text_mask=None) -> None:
         """Install item feature tables ([num_items + 1, dim] + availability masks); None = modality off."""
-        for table, mask, feat, avail in ((visual, visual_mask, "vis_feat", "vis_avail"),
-                                         (text, text_mask, "txt_feat", "txt_avail")):
+        for table, mask, feat, avail in (
+            (visual, visual_mask, "vis_feat", "vis_avail"),
+            (text, text_mask, "txt_feat", "txt_avail"),
+        ):
             target = getattr(self, feat)
             if table is None:
                 target.zero_()
@@ -247,18 +250,25 @@ class FedDMMR(nn.Module):
             d, t = self.config.hidden, self.config.text_dim
             batch = items.shape[0]
             proto = prototypes.to(vis_raw.dtype)
-            p_txt, p_vis = proto[:, d:d + t], proto[:, d + t:]
+            p_txt, p_vis = proto[:, d : d + t], proto[:, d + t :]
             vis_raw = torch.cat([p_vis.expand(batch, -1, -1), vis_raw], 1)
             txt_raw = torch.cat([p_txt.expand(batch, -1, -1), txt_raw], 1)
             vis_ok = torch.cat([(p_vis.abs().sum(-1) > 0).expand(batch, -1), vis_ok], 1)
             txt_ok = torch.cat([(p_txt.abs().sum(-1) > 0).expand(batch, -1), txt_ok], 1)
-            positions = torch.cat([torch.full((batch, len(proto)), -1, dtype=positions.dtype,
-                                              device=positions.device), positions], 1)
+            positions = torch.cat(
+                [torch.full((batch, len(proto)), -1, dtype=positions.dtype, device=positions.device), positions], 1
+            )
         return Slots(self.proj_vis(vis_raw), self.proj_txt(txt_raw), vis_ok, txt_ok, positions)
 
     # ------------------------------------------------------------ experts
-    def _fuse(self, cand: torch.Tensor, vis_dot: torch.Tensor, sem_dot: torch.Tensor, vis_has: torch.Tensor,
-              sem_has: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fuse(
+        self,
+        cand: torch.Tensor,
+        vis_dot: torch.Tensor,
+        sem_dot: torch.Tensor,
+        vis_has: torch.Tensor,
+        sem_has: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert term of the score and router weights, from each expert's ``LN(out) · e`` [B, Q(, K)].
 
         An expert without input (no visible slot with that modality, or a candidate without an
@@ -299,27 +309,39 @@ class FedDMMR(nn.Module):
         vis_vis = slots.vis_ok[:, None, :].expand(*cand.shape, -1)
         sem_vis = slots.txt_ok[:, None, :].expand(*cand.shape, -1)
         term, _, _, weights = self.expert_terms(cand, slots)
-        return {"router": weights, "term": term,
-                "visual": self.vis_expert.attention(vis_query, slots.vis, vis_vis),
-                "semantic": self.sem_expert.attention(emb, slots.txt, sem_vis)}
+        return {
+            "router": weights,
+            "term": term,
+            "visual": self.vis_expert.attention(vis_query, slots.vis, vis_vis),
+            "semantic": self.sem_expert.attention(emb, slots.txt, sem_vis),
+        }
 
     def expert_prefix_terms(self, cand: torch.Tensor, slots: Slots) -> torch.Tensor:
         """Expert terms [B, Q, S + 1] for candidates [B, Q] when the first k slots are visible."""
         emb = self.item_emb(cand)
-        vis_dot = self.vis_expert.prefix_scores(self.proj_vis(self.vis_feat[cand]), slots.vis, slots.vis_ok,
-                                                self.norm_vis, emb)
+        vis_dot = self.vis_expert.prefix_scores(
+            self.proj_vis(self.vis_feat[cand]), slots.vis, slots.vis_ok, self.norm_vis, emb
+        )
         sem_dot = self.sem_expert.prefix_scores(emb, slots.txt, slots.txt_ok, self.norm_sem, emb)
         pad = torch.zeros_like(slots.vis_ok[:, :1])
         vis_has = torch.cat([pad, slots.vis_ok], 1).cumsum(1) > 0  # [B, S + 1]
         sem_has = torch.cat([pad, slots.txt_ok], 1).cumsum(1) > 0
         shape = vis_dot.shape
-        term, _ = self._fuse(cand, vis_dot, sem_dot, vis_has[:, None, :].expand(shape),
-                             sem_has[:, None, :].expand(shape))
+        term, _ = self._fuse(
+            cand, vis_dot, sem_dot, vis_has[:, None, :].expand(shape), sem_has[:, None, :].expand(shape)
+        )
         return term
 
     # ------------------------------------------------------------- scoring
-    def train_logits(self, hidden: torch.Tensor, targets: torch.Tensor, target_positions: torch.Tensor,
-                     negatives: torch.Tensor, slots: Slots | None, use_experts: bool) -> dict:
+    def train_logits(
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        target_positions: torch.Tensor,
+        negatives: torch.Tensor,
+        slots: Slots | None,
+        use_experts: bool,
+    ) -> dict:
         """Logits of every position's target [B, L] and of the user's shared negatives [B, L, n].
 
         Position j may only see slots whose source position is < the target's position.
@@ -364,8 +386,11 @@ class FedDMMR(nn.Module):
         emb = self.item_emb(items).detach()
         txt, vis = self.proj_txt(self.txt_feat[items]), self.proj_vis(self.vis_feat[items])
         has_t, has_v = self.txt_avail[items], self.vis_avail[items]
-        losses = [info_nce(txt[has_t], emb[has_t], temperature), info_nce(vis[has_v], emb[has_v], temperature),
-                  info_nce(txt[has_t & has_v], vis[has_t & has_v], temperature)]
+        losses = [
+            info_nce(txt[has_t], emb[has_t], temperature),
+            info_nce(vis[has_v], emb[has_v], temperature),
+            info_nce(txt[has_t & has_v], vis[has_t & has_v], temperature),
+        ]
         present = [loss for loss in losses if loss is not None]
         if not present:
             raise ValueError("align stage: no item in the batch has a text or image feature")
@@ -378,7 +403,9 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, weights: torc
         return None
     logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
     labels = torch.arange(len(a), device=a.device)
-    per_row = 0.5 * (F.cross_entropy(logits, labels, reduction="none") + F.cross_entropy(logits.T, labels, reduction="none"))
+    per_row = 0.5 * (
+        F.cross_entropy(logits, labels, reduction="none") + F.cross_entropy(logits.T, labels, reduction="none")
+    )
     if weights is None:
         return per_row.mean()
     return (per_row * weights).sum() / weights.sum()

@@ -20,9 +20,17 @@ def main(grid: Grid, context: Context) -> None:
     # Optional payload (echoed back by the client): k arrays of n float32 each, to separate Flower's
     # per-message cost from its per-array cost.
     k, n = int(context.run_config["payload-arrays"]), int(context.run_config["payload-floats"])
-    payload = RecordDict({"arrays": ArrayRecord({f"a{i}": Array(np.random.default_rng(i).standard_normal(n).astype(np.float32))
-                                                 for i in range(k)})}) \
-        if k else RecordDict()
+    payload = (
+        RecordDict(
+            {
+                "arrays": ArrayRecord(
+                    {f"a{i}": Array(np.random.default_rng(i).standard_normal(n).astype(np.float32)) for i in range(k)}
+                )
+            }
+        )
+        if k
+        else RecordDict()
+    )
     seconds = []
     sample = int(context.run_config.get("sample", 0))  # nodes per round (0: all), as a strategy samples
     rng = random.Random(0)
@@ -38,5 +46,14 @@ def main(grid: Grid, context: Context) -> None:
         print(f"no-op round {len(seconds)}/{rounds}: {seconds[-1]:.2f} s", flush=True)
     output = str(context.run_config["output"])
     if output:
-        Path(output).write_text(json.dumps({"nodes": len(nodes), "sample": sample, "round_seconds": seconds,
-                                            "payload_arrays": k, "payload_floats": n}))
+        Path(output).write_text(
+            json.dumps(
+                {
+                    "nodes": len(nodes),
+                    "sample": sample,
+                    "round_seconds": seconds,
+                    "payload_arrays": k,
+                    "payload_floats": n,
+                }
+            )
+        )
