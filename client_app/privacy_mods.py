@@ -8,7 +8,7 @@ prototypes. The adapters below present each Flower mod with the layout it expect
 FedDMMR's records back afterwards; the privacy work itself (clipping, noise, masking) is
 Flower's own code.
 
-``privacy_mod`` is always installed (``ClientApp(mods=[privacy_mod])``) and decides per message:
+``privacy_mod`` is always installed (``ClientApp(mods=[wire_mod, privacy_mod])``) and decides per message:
 a message with a ``secaggplus`` ConfigRecord runs the SecAgg+ protocol; otherwise run-config
 ``dp-mode`` picks ``fixedclipping_mod`` ("central-fixed"), ``LocalDpMod`` ("local") or nothing.
 """
@@ -22,24 +22,20 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
-from flwr.common import ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+from feddmmr_wire import SecAggPlaintext, TrainReply, read_arrays, to_array
+from feddmmr_wire.keys import ARRAYS, CONFIG, METRICS, SECAGG_EXTRAS
+
+from .context import experiment_config
 
 Next = Callable[[Message, Context], Message]
 Mod = Callable[[Message, Context, Next], Message]
 
-#: ConfigRecord of a SecAgg+ reply that carries what SecAgg+ would otherwise clear (prototypes)
-#: and what the server checks before summing (the array names).
-SECAGG_EXTRAS = "feddmmr-plaintext"
-
-
-def _setting(ctx: Context, key: str, default):
-    return type(default)(ctx.run_config.get(key, default))
-
 
 def _zero_update(msg: Message, reply: Message) -> bool:
     """Flower's clipping divides by the update norm: an all-zero update must bypass it."""
-    sent, received = reply.content.array_records["arrays"], msg.content.array_records["arrays"]
+    sent, received = reply.content.array_records[ARRAYS], msg.content.array_records[ARRAYS]
     return all(np.array_equal(sent[n].numpy(), received[n].numpy()) for n in sent.keys())
 
 
@@ -54,9 +50,9 @@ def single_record(inner: Mod) -> Mod:
     """
 
     def mod(msg: Message, ctx: Context, call_next: Next) -> Message:
-        full = msg.content.array_records["arrays"]
+        full = msg.content.array_records[ARRAYS]
         view = copy.copy(msg)
-        view.content = RecordDict({"arrays": full, "config": msg.content.config_records["config"]})
+        view.content = RecordDict({ARRAYS: full, CONFIG: msg.content.config_records[CONFIG]})
         kept: dict = {}
 
         def next_(_: Message, context: Context) -> Message:
@@ -64,25 +60,25 @@ def single_record(inner: Mod) -> Mod:
             if reply.has_error():
                 return reply
             if _zero_update(msg, reply):
-                arrays = reply.content.array_records["arrays"]  # perturbed by 1 ulp so it can be clipped
-                reply.content["arrays"] = ArrayRecord(
+                arrays = reply.content.array_records[ARRAYS]  # perturbed by 1 ulp so it can be clipped
+                reply.content[ARRAYS] = ArrayRecord(
                     {n: Array(np.nextafter(a.numpy(), np.inf)) for n, a in arrays.items()}
                 )
-            sent = reply.content.array_records["arrays"]
+            sent = reply.content.array_records[ARRAYS]
             kept["names"] = list(sent.keys())
-            kept["others"] = {k: v for k, v in reply.content.items() if k != "arrays"}
+            kept["others"] = {k: v for k, v in reply.content.items() if k != ARRAYS}
             expanded = ArrayRecord({n: sent[n] if n in sent else full[n] for n in full.keys()})
             out = copy.copy(reply)
             out.content = RecordDict(
-                {"arrays": expanded, **{k: v for k, v in kept["others"].items() if not isinstance(v, ArrayRecord)}}
+                {ARRAYS: expanded, **{k: v for k, v in kept["others"].items() if not isinstance(v, ArrayRecord)}}
             )
             return out
 
         out = inner(view, ctx, next_)
         if out.has_error() or "names" not in kept:
             return out
-        arrays = out.content.array_records["arrays"]
-        content = RecordDict({"arrays": ArrayRecord({n: arrays[n] for n in kept["names"]}), **kept["others"]})
+        arrays = out.content.array_records[ARRAYS]
+        content = RecordDict({ARRAYS: ArrayRecord({n: arrays[n] for n in kept["names"]}), **kept["others"]})
         result = copy.copy(out)
         result.content = content
         return result
@@ -96,31 +92,26 @@ def legacy_reply(msg: Message, reply: Message) -> Message:
     one touched sums to exactly zero, and the small range of updates quantises finely."""
     if reply.has_error():
         raise RuntimeError(f"training failed: {reply.error.reason}")
-    received = msg.content.array_records["arrays"]
-    sent = reply.content.array_records["arrays"]
-    names = [n for n in received.keys() if n in sent]
-    if len(names) != len(sent):
-        raise ValueError(f"reply tensors not in the model: {sorted(set(sent.keys()) - set(names))[:5]}")
-    updates = {n: sent[n].numpy().astype(np.float64) - received[n].numpy().astype(np.float64) for n in names}
-    extras: dict = {"array-names": names}
+    received = read_arrays(msg.content)
+    parsed = TrainReply.from_content(reply.content)
+    names = [n for n in received if n in parsed.arrays]
+    if len(names) != len(parsed.arrays):
+        raise ValueError(f"reply tensors not in the model: {sorted(set(parsed.arrays) - set(names))[:5]}")
+    updates = {n: parsed.arrays[n].astype(np.float64) - received[n].astype(np.float64) for n in names}
+    plain = SecAggPlaintext(names, centroids=parsed.centroids, sizes=parsed.sizes)
     if not all(np.isfinite(u).all() for u in updates.values()):
         # Masked NaN would corrupt the whole sum. Withhold: zeros go into the protocol, the server
         # drops this reply before summing (a dropout SecAgg+ recovers from) and logs why.
         updates = {n: np.zeros_like(u) for n, u in updates.items()}
-        extras["withheld"] = "non-finite model update (NaN/Inf)"
-    metrics = reply.content.metric_records["metrics"]
-    protos = reply.content.array_records.get("prototypes")
-    if protos is not None and "centroids" in protos:
-        extras["centroids"] = ndarray_to_bytes(protos["centroids"].numpy())
-        extras["sizes"] = ndarray_to_bytes(protos["sizes"].numpy())
+        plain.withheld = "non-finite model update (NaN/Inf)"
     content = RecordDict(
         {
-            "fitres.parameters": ArrayRecord({n: Array(u) for n, u in updates.items()}),
-            "fitres.num_examples": MetricRecord({"num_examples": int(metrics["num-examples"])}),
+            "fitres.parameters": ArrayRecord({n: to_array(u) for n, u in updates.items()}),
+            "fitres.num_examples": MetricRecord({"num_examples": int(parsed.num_examples)}),
             "fitres.metrics": ConfigRecord({}),
             "fitres.status": ConfigRecord({"code": 0, "message": "Success"}),
-            "metrics": metrics,
-            SECAGG_EXTRAS: ConfigRecord(extras),
+            METRICS: reply.content.metric_records[METRICS],
+            SECAGG_EXTRAS: plain.to_record(),
         }
     )
     return Message(content, reply_to=msg)
@@ -130,15 +121,13 @@ def privacy_mod(msg: Message, ctx: Context, call_next: Next) -> Message:
     """Dispatch a train message to SecAgg+ and/or the DP mod the run configures."""
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, ctx)
-    mode = _setting(ctx, "dp-mode", "off")
+    cfg = experiment_config(ctx)
     dp: Mod | None = None
-    if mode == "central-fixed":
+    if cfg.dp_mode == "central-fixed":
         dp = single_record(fixedclipping_mod)
-    elif mode == "local":
-        clip = _setting(ctx, "dp-clipping-norm", 0.1)
-        dp = single_record(LocalDpMod(clip, clip, _setting(ctx, "dp-epsilon", 1.0), _setting(ctx, "dp-delta", 1e-5)))
-    elif mode != "off":
-        raise ValueError(f"dp-mode: unknown {mode!r}")
+    elif cfg.dp_mode == "local":
+        clip = cfg.dp_clipping_norm
+        dp = single_record(LocalDpMod(clip, clip, cfg.dp_epsilon, cfg.dp_delta))
     train: Next = call_next if dp is None else (lambda m, c: dp(m, c, call_next))
     if RECORD_KEY_CONFIGS in msg.content.config_records:
         return secaggplus_mod(msg, ctx, lambda m, c: legacy_reply(m, train(m, c)))

@@ -1,22 +1,28 @@
-"""Server-side FedDMMR strategy: stock Flower aggregation + stages + prototypes + reply checks."""
+"""Server-side FedDMMR strategy: stock Flower aggregation + stages + prototypes + reply checks.
 
-from feddmmr_flower.prototype_aggregation import PrototypeAggregation, aggregate_prototypes, match_to_prototypes
-from feddmmr_flower.stages import STAGES, StageSchedule, StageSegment, parse_stage_schedule
+``FedDMMRStrategy`` builds each round's instructions and turns a collector's ``RoundReplies`` into
+the new model; a collector (``PlainCollector``, ``SecAggPlusCollector``) moves the messages and
+checks the replies; ``BaseAggregation`` wraps the stock Flower strategy; ``dp`` holds the server
+side of the DP modes.
+"""
 
-from .base import BASE_STRATEGIES, make_base_strategy
-from .feddmmr import BestModel, FedDMMRStrategy, weighted_metrics
+from .base import BASE_STRATEGIES, BaseAggregation, make_base_strategy
+from .collect import Collector, PlainCollector, read_train_replies
+from .evaluate import BestModel, EvaluationOptions
+from .feddmmr import FedDMMRStrategy
+from .prototypes import PrototypeOptions
+from .secagg import SecAggPlusCollector
 
 __all__ = [
     "BASE_STRATEGIES",
-    "STAGES",
+    "BaseAggregation",
     "BestModel",
+    "Collector",
+    "EvaluationOptions",
     "FedDMMRStrategy",
-    "PrototypeAggregation",
-    "StageSchedule",
-    "StageSegment",
-    "aggregate_prototypes",
+    "PlainCollector",
+    "PrototypeOptions",
+    "SecAggPlusCollector",
     "make_base_strategy",
-    "match_to_prototypes",
-    "parse_stage_schedule",
-    "weighted_metrics",
+    "read_train_replies",
 ]

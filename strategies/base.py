@@ -1,15 +1,25 @@
-"""Base Flower aggregation strategies, selectable by name from the run config.
+"""Flower's stock strategies (FedAvg, FedAdam, ...) as FedDMMR's node sampler and server update step.
 
-FedDMMR adds prototypes, stages and reply validation on top of one of Flower's stock
-message-based strategies; this module only builds that stock strategy.
+FedDMMR adds stages, prototypes and reply checks around one of Flower's message-based strategies.
+``BaseAggregation`` is the only place that talks to that strategy, and only the way it expects: it
+sees the tensors trained in the current stage, as ONE packed vector when they are all float32
+(every base here is elementwise, so this is exact, and Flower's per-array work drops out), the
+replies as plain ``Message``s carrying those tensors and their weight, and it is re-created (fresh
+server-optimiser state) whenever a stage segment starts.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
+from collections.abc import Hashable
 from typing import Any
 
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAdam,
@@ -19,7 +29,12 @@ from flwr.serverapp.strategy import (
     FedProx,
     FedTrimmedAvg,
     FedYogi,
+    Strategy,
 )
+
+from feddmmr_flower.replies import WeightedUpdate
+from feddmmr_wire import from_array, pack, packable, to_array, to_numpy, to_record, unpack
+from feddmmr_wire.keys import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PACKED
 
 logger = logging.getLogger("flwr.feddmmr")
 
@@ -67,3 +82,93 @@ def make_base_strategy(name: str, **kwargs: Any) -> FedAvg:
     if dropped:
         logger.debug("%s ignores keyword arguments: %s", cls.__name__, ", ".join(dropped))
     return cls(**ok)
+
+
+def reply_message(node_id: int, arrays: ArrayRecord, weight: float) -> Message:
+    """A train reply as a Flower strategy reads it (arrays + weight), built with Flower's public constructors."""
+    metadata = Metadata(
+        run_id=0,
+        message_id="",
+        src_node_id=node_id,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id="",
+        created_at=0.0,
+        ttl=0.0,
+        message_type=MessageType.TRAIN,
+    )
+    content = RecordDict({ARRAYS: arrays, METRICS: MetricRecord({NUM_EXAMPLES: weight})})
+    return Message(content=content, metadata=metadata)
+
+
+class BaseAggregation:
+    """A stock Flower strategy (by name, or an un-started instance used as a template) that samples
+    each round's nodes and turns the round's updates into the new trained tensors."""
+
+    def __init__(self, base: str | Strategy = "fedavg", **kwargs: Any) -> None:
+        if isinstance(base, str):
+            self.template: Strategy = make_base_strategy(base, **kwargs)
+        elif kwargs:
+            raise ValueError("base strategy keyword arguments only apply when the base is given by name")
+        else:
+            self.template = copy.deepcopy(base)
+        self.base: Strategy = copy.deepcopy(self.template)
+        self.segment: Hashable | None = None
+        self.step = 0  # aggregations done by the current base (its Adam "t")
+        self.layout = ""  # the packed vector's layout ("" when the base sees named arrays)
+
+    @property
+    def name(self) -> str:
+        return type(self.template).__name__
+
+    def start_segment(self, key: Hashable) -> bool:
+        """Fresh base (server-optimiser state) when ``key`` (stage segment, trained names) changes."""
+        if key == self.segment:
+            return False
+        self.base = copy.deepcopy(self.template)
+        self.segment, self.step = key, 0
+        return True
+
+    def _view(self, arrays: dict[str, np.ndarray]) -> ArrayRecord:
+        """What the base sees of some trained tensors: one packed vector when possible."""
+        if self.layout:
+            return ArrayRecord({PACKED: to_array(pack(arrays)[0])})
+        return to_record(arrays)
+
+    def sample_train(
+        self, server_round: int, current: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> tuple[list[int], ConfigRecord]:
+        """The nodes the base samples, and the config with what the base adds (FedProx: proximal-mu)."""
+        arrays = to_numpy(current)
+        self.layout = pack(arrays)[1] if packable(arrays) else ""
+        messages = list(self.base.configure_train(server_round, self._view(arrays), config, grid))
+        if messages:
+            config = messages[0].content.config_records.get(CONFIG, config)
+        return [m.metadata.dst_node_id for m in messages], config
+
+    def sample_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[int]:
+        return [m.metadata.dst_node_id for m in self.base.configure_evaluate(server_round, arrays, config, grid)]
+
+    def aggregate(self, server_round: int, updates: list[WeightedUpdate]) -> dict[str, np.ndarray] | None:
+        """The base's new trained tensors from the round's updates (None: it failed; logged)."""
+        replies = [reply_message(u.node_id, self._view(u.arrays), u.weight) for u in updates]
+        self.step += 1
+        try:
+            aggregated, _ = self.base.aggregate_train(self.step, replies)
+        except (AggregationError, InconsistentMessageReplies) as exc:
+            logger.error("Round %d: base aggregation failed (%s); global model unchanged", server_round, exc)
+            return None
+        if aggregated is None:
+            return None
+        if self.layout:
+            return unpack(from_array(aggregated[PACKED]), self.layout)
+        return to_numpy(aggregated)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"base": self.base, "segment": self.segment, "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base, self.segment, self.step = state["base"], state["segment"], state["step"]
+
+    def summary(self) -> None:
+        self.base.summary()

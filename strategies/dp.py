@@ -13,33 +13,55 @@ Two modes (run config ``dp-mode``):
 * ``local`` — every client clips and noises its own update (Flower's ``LocalDpMod``); the server
   aggregates as usual and only counts how often each node released an update, for the report.
 
-Both plug into ``FedDMMRStrategy(pre_aggregate=...)``: a callable that gets the round's accepted
-replies (trainable subset + weight) and returns the replies the base strategy should aggregate.
+Both plug into ``FedDMMRStrategy(privacy=...)`` (its ``PrivacyHook``): ``before_aggregation`` gets
+the round's accepted updates (trained tensors + weight) and returns what the base strategy aggregates.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv, get_norm
 
 from feddmmr_flower.config import ExperimentConfig
 from feddmmr_flower.privacy import RdpAccountant, local_dp_epsilon, local_dp_noise_std
+from feddmmr_flower.replies import WeightedUpdate
+from feddmmr_wire import to_numpy, to_record
+from feddmmr_wire.keys import NUM_EXAMPLES
+
+from .base import reply_message
 
 logger = logging.getLogger("flwr.feddmmr")
-WEIGHT = "num-examples"
 
 
-def _reply_like(template: Message, arrays: ArrayRecord, weight: float) -> Message:
-    """A copy of a real reply (same metadata) carrying only ``arrays`` and a weight."""
-    out = copy.copy(template)
-    out.content = RecordDict({"arrays": arrays, "metrics": MetricRecord({WEIGHT: weight})})
-    return out
+@dataclass
+class Release:
+    """One round's accepted updates as a DP mode sees them before the base strategy does.
+
+    nodes: the accepted nodes (each released an update); current: the trained tensors' values
+    before the round; sampled: the nodes sent an instruction (the DP mean's denominator)."""
+
+    server_round: int
+    nodes: list[int]
+    updates: list[WeightedUpdate]
+    current: dict[str, np.ndarray]
+    sampled: int
+
+
+class PrivacyHook(Protocol):
+    """The server side of a DP mode: returns what the base strategy aggregates instead of the updates."""
+
+    def before_aggregation(self, release: Release) -> list[WeightedUpdate]: ...
+
+    def metrics(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class CentralFixedClippingDP:
@@ -56,28 +78,27 @@ class CentralFixedClippingDP:
         self.population = 0  # connected nodes (set by the server loop before the first round)
         self.last: dict[str, float] = {}
 
-    def __call__(
-        self, server_round: int, replies: list[Message], current: ArrayRecord, sample_size: int
-    ) -> list[Message]:
-        if not replies:
-            return replies
-        names = list(current.keys())
-        base = current.to_numpy_ndarrays()
+    def before_aggregation(self, release: Release) -> list[WeightedUpdate]:
+        updates, current = release.updates, release.current
+        if not updates:
+            return updates
+        names = list(current)
+        base = [current[n] for n in names]
         clipped, server_clipped = [], 0
-        for reply in replies:
-            arrays = [reply.content["arrays"][n].numpy().astype(np.float64) for n in names]
+        for update in updates:
+            arrays = [update.arrays[n].astype(np.float64) for n in names]
             norm = get_norm([a - b for a, b in zip(arrays, base)])
             if norm > self.clipping_norm * (1 + 1e-4):
                 server_clipped += 1
             if norm > self.clipping_norm:  # (Flower's clip divides by the norm: skip a zero update)
                 compute_clip_model_update(arrays, base, self.clipping_norm)
-            clipped.append(_reply_like(reply, ArrayRecord(dict(zip(names, map(Array, arrays)))), 1.0))
-        zero = ArrayRecord(dict(zip(names, map(Array, base))))
-        padded = clipped + [_reply_like(replies[0], zero, 1.0) for _ in range(max(0, sample_size - len(clipped)))]
+            clipped.append(reply_message(update.node_id, to_record(dict(zip(names, arrays))), 1.0))
+        zero = to_record(dict(zip(names, base)))
+        padded = clipped + [reply_message(0, zero, 1.0) for _ in range(max(0, release.sampled - len(clipped)))]
         wrapper = DifferentialPrivacyClientSideFixedClipping(
-            FedAvg(weighted_by_key=WEIGHT), self.noise_multiplier, self.clipping_norm, len(padded)
+            FedAvg(weighted_by_key=NUM_EXAMPLES), self.noise_multiplier, self.clipping_norm, len(padded)
         )
-        mean, _ = wrapper.aggregate_train(server_round, padded)
+        mean, _ = wrapper.aggregate_train(release.server_round, padded)
         if mean is None:
             return []
         population = max(self.population, len(padded))
@@ -89,9 +110,9 @@ class CentralFixedClippingDP:
             "dp-epsilon": self.accountant.epsilon(),
             "dp-epsilon-no-amplification": self.accountant.epsilon(amplified=False),
         }
-        dtypes = {n: np.dtype(current[n].dtype) for n in names}
-        out = ArrayRecord({n: Array(np.ascontiguousarray(mean[n].numpy(), dtype=dtypes[n])) for n in names})
-        return [_reply_like(replies[0], out, float(sum(float(r.content["metrics"][WEIGHT]) for r in replies)))]
+        values = to_numpy(mean)
+        out = {n: np.ascontiguousarray(values[n], dtype=current[n].dtype) for n in names}
+        return [WeightedUpdate(updates[0].node_id, float(sum(u.weight for u in updates)), out)]
 
     def metrics(self) -> dict[str, float]:
         return dict(self.last)
@@ -131,13 +152,10 @@ class LocalDPReport:
         self.noise_std = local_dp_noise_std(clipping_norm, epsilon, delta)
         self.releases: dict[int, int] = {}
 
-    def __call__(
-        self, server_round: int, replies: list[Message], current: ArrayRecord, sample_size: int
-    ) -> list[Message]:
-        for reply in replies:
-            node = int(reply.metadata.src_node_id)
+    def before_aggregation(self, release: Release) -> list[WeightedUpdate]:
+        for node in release.nodes:
             self.releases[node] = self.releases.get(node, 0) + 1
-        return replies
+        return release.updates
 
     def metrics(self) -> dict[str, float]:
         return {

@@ -7,217 +7,119 @@ ever see the tensors that are trainable in the current stage, because
   global arrays with whatever ``aggregate_train`` returns -> we overlay the aggregated
   subset on the full model;
 * FedOpt/FedAvgM keep server optimiser state (``current_arrays``, ``m_t``, ``v_t``,
-  momentum) keyed by tensor name and fail when the key sets differ -> the base is handed
-  the subset in ``configure_train`` and only accepted subset replies in
-  ``aggregate_train``; it is re-created (fresh optimiser state) at each stage change;
-* stock ``validate_message_reply_consistency`` stops the whole run (exit code) when a
-  reply carries a second ArrayRecord ("prototypes") or different metric keys -> replies
-  are validated here, and the base gets clean copies {"arrays", "metrics": num-examples}.
+  momentum) keyed by tensor name and fail when the key sets differ -> the base sees the subset
+  only and is re-created (fresh optimiser state) at each stage change (``BaseAggregation``);
+* stock ``validate_message_reply_consistency`` stops the whole run (exit code) when a reply
+  carries a second ArrayRecord ("prototypes") or different metric keys -> replies are checked
+  here (``feddmmr_flower.replies``), and the base only gets clean updates.
+
+One round is ``configure_train`` -> a collector (``collect.py``: plain or SecAgg+) ->
+``aggregate_round``; ``aggregate_train`` is the same with the plain collector's reading, so
+Flower's ``Strategy.start()`` drives this strategy too.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 from flwr.serverapp.strategy import Strategy
 
-from client_app.wire import PACKED, from_array, pack_content, read_arrays, to_array, to_numpy, to_record
-from feddmmr_flower.packing import pack, unpack
-from feddmmr_flower.prototype_aggregation import Metric, aggregate_prototypes
+from feddmmr_flower import run_record as names
+from feddmmr_flower.replies import (
+    Accepted,
+    Expected,
+    NodeOutcome,
+    RoundReplies,
+    WeightedUpdate,
+    as_count,
+    drop_norm_outliers,
+    in_partition_order,
+    weighted_means,
+)
 from feddmmr_flower.stages import STAGES, StageSchedule, StageSegment
+from feddmmr_wire import TrainInstruction, from_array, round_entries, to_array
+from feddmmr_wire.keys import NUM_EXAMPLES
 
-from .base import make_base_strategy
+from .base import BaseAggregation
+from .collect import read_train_replies
+from .dp import PrivacyHook, Release
+from .evaluate import Evaluation, EvaluationOptions
+from .prototypes import PrototypeOptions, merge_prototypes, prototype_payload
 
 logger = logging.getLogger("flwr.feddmmr")
 
 #: stage -> names of the arrays trained in it (a callable or a dict).
 TrainableNames = Callable[[str], Iterable[str]] | Mapping[str, Iterable[str]]
-ConfigValues = Mapping[str, Any]
 
 
 @dataclass
-class BestModel:
-    """Global model with the best validation metric seen so far."""
+class TrainRound:
+    """The round in progress, from ``configure_train`` on: what was sent and what replies must hold."""
 
     server_round: int
-    value: float
-    arrays: ArrayRecord
-    prototypes: np.ndarray | None
-
-
-@dataclass
-class _Candidate:
-    """A train reply that passed the per-reply checks."""
-
-    msg: Message
-    node_id: int
-    partition_id: int | None
-    num_examples: float
-    arrays: dict[str, np.ndarray]  # the trainable arrays it sent (read once from the wire)
-    metrics: MetricRecord
-    update_norm: float
-    prototypes: tuple[np.ndarray, np.ndarray] | None
-
-
-def weighted_metrics(
-    records: list[MetricRecord],
-    weight_key: str = "num-examples",
-    exclude: Iterable[str] = ("partition-id",),
-) -> MetricRecord:
-    """Mean of each metric over the records that have it, weighted by ``weight_key``.
-
-    Unlike Flower's ``aggregate_metricrecords`` it tolerates records with different keys
-    and does not average ids (``partition-id``). The output's ``weight_key`` is the total.
-    """
-    skip = set(exclude) | {weight_key}
-    sums: dict[str, Any] = {}
-    totals: dict[str, float] = {}
-    bad: set[str] = set()
-    total = 0.0
-    for rec in records:
-        w = float(rec.get(weight_key, 0) or 0)
-        if not w > 0:
-            continue
-        total += w
-        for k, v in rec.items():
-            if k in skip or k in bad:
-                continue
-            val = np.asarray(v, dtype=np.float64)
-            if k in sums and np.shape(sums[k]) != val.shape:
-                bad.add(k)  # lists of different lengths cannot be averaged
-                continue
-            sums[k] = sums.get(k, 0.0) + w * val
-            totals[k] = totals.get(k, 0.0) + w
-    out = MetricRecord()
-    for k, s in sums.items():
-        if k not in bad:
-            mean = s / totals[k]
-            out[k] = [float(x) for x in mean] if np.ndim(mean) else float(mean)
-    out[weight_key] = int(total) if float(total).is_integer() else total
-    return out
+    segment: StageSegment
+    names: list[str]
+    expected: Expected
+    instructions: list[Message]
+    global_arrays: ArrayRecord
 
 
 class FedDMMRStrategy(Strategy):
-    """Stage-aware FedDMMR strategy wrapping one of Flower's stock strategies.
+    """Stage-aware FedDMMR strategy around one of Flower's stock strategies.
 
-    Parameters (all keyword-only)
-    ----------
     schedule: "pretrain:40,align:10,finetune:40" or a StageSchedule; rounds beyond it fail.
-    base: stock strategy name (see ``strategies.base.BASE_STRATEGIES``) or an un-started
-        strategy instance (deep-copied as a template: a fresh copy per stage).
-    base_kwargs: keyword arguments for ``make_base_strategy`` (fraction_train,
-        min_available_nodes, eta, ...), only with a name.
+    base, base_kwargs: a stock strategy name (``strategies.base.BASE_STRATEGIES``) and its keyword
+        arguments (fraction_train, min_available_nodes, eta, ...), or an un-started instance; or a
+        ``BaseAggregation`` (a subclass replaces the server update step, e.g. a per-row one).
     trainable_names: stage -> array names trained in it; None = every global array.
-    stage_config: per-stage config entries, e.g. {"align": {"lr": 1e-3}}.
-    round_config_fn: (server_round, stage) -> extra config entries (e.g. an lr decay).
-    num_prototypes, prototype_ema, prototype_metric, prototype_seed, prototype_dim,
-        initial_prototypes: see ``feddmmr_flower.prototype_aggregation.aggregate_prototypes``.
-    norm_outlier_factor: reject replies with ||client - global|| >= factor x the round's
-        median (needs >= 3 replies and a median > 0); None disables.
-    evaluate_node_ids: fixed node ids for federated evaluation (else the base samples).
-    evaluate_every: evaluate every N rounds and on the last round of each stage.
-    evaluate_split: "split" put in the evaluate config unless it already has one.
-    best_metric: validation metric to keep the best global model for (higher is better).
-    pre_aggregate: (round, accepted replies, current trainable arrays, number sampled) -> the
-        replies the base aggregates (e.g. ``strategies.dp``: one clipped, noised mean); may have
-        ``metrics()``, ``state_dict()``/``load_state_dict()``.
+    prototypes: ``PrototypeOptions``; evaluation: ``EvaluationOptions``.
+    norm_outlier_factor: reject updates with a norm >= factor x the round's median; None disables.
+    privacy: the server side of a DP mode (``strategies.dp``), or None.
+    pack_wire: send the model packed into one array (``feddmmr_wire.packing``).
     """
 
     def __init__(
         self,
         *,
         schedule: str | StageSchedule,
-        base: str | Strategy = "fedavg",
+        base: str | Strategy | BaseAggregation = "fedavg",
         base_kwargs: Mapping[str, Any] | None = None,
         trainable_names: TrainableNames | None = None,
-        stage_config: Mapping[str, ConfigValues] | None = None,
-        round_config_fn: Callable[[int, str], ConfigValues] | None = None,
-        num_prototypes: int = 5,
-        prototype_ema: float = 0.5,
-        prototype_metric: Metric = "cosine",
-        prototype_seed: int = 0,
-        prototype_dim: int | None = None,
-        initial_prototypes: np.ndarray | None = None,
+        prototypes: PrototypeOptions | None = None,
+        evaluation: EvaluationOptions | None = None,
         norm_outlier_factor: float | None = 100.0,
-        evaluate_node_ids: Iterable[int] | None = None,
-        evaluate_every: int = 1,
-        evaluate_split: str = "valid",
-        best_metric: str | None = "NDCG@10",
-        weighted_by_key: str = "num-examples",
-        pre_aggregate: Callable[[int, list[Message], ArrayRecord, int], list[Message]] | None = None,
-        pack_arrays: bool = False,
+        privacy: PrivacyHook | None = None,
+        pack_wire: bool = False,
     ) -> None:
         self.schedule = schedule if isinstance(schedule, StageSchedule) else StageSchedule.parse(schedule)
-        if isinstance(base, str):
-            self._template: Strategy = make_base_strategy(base, **dict(base_kwargs or {}))
-        elif base_kwargs:
-            raise ValueError("base_kwargs only apply when base is given by name")
+        if isinstance(base, BaseAggregation):
+            self.aggregation = base
         else:
-            self._template = copy.deepcopy(base)
-        if stage_config and (unknown := set(stage_config) - set(STAGES)):
-            raise ValueError(f"stage_config has unknown stages {sorted(unknown)}")
-        if evaluate_every < 1:
-            raise ValueError("evaluate_every must be >= 1")
+            self.aggregation = BaseAggregation(base, **dict(base_kwargs or {}))
         self.trainable_names = trainable_names
-        self.stage_config = {k: dict(v) for k, v in (stage_config or {}).items()}
-        self.round_config_fn = round_config_fn
-        self.num_prototypes = num_prototypes
-        self.prototype_ema = prototype_ema
-        self.prototype_metric: Metric = prototype_metric
-        self.prototype_seed = prototype_seed
-        self.prototype_dim = prototype_dim
+        self.prototype_options = prototypes or PrototypeOptions()
         self.norm_outlier_factor = norm_outlier_factor
-        self.evaluate_node_ids = None if evaluate_node_ids is None else [int(n) for n in evaluate_node_ids]
-        self.evaluate_every = evaluate_every
-        self.evaluate_split = evaluate_split
-        self.best_metric = best_metric
-        self.weighted_by_key = weighted_by_key
-        self.pre_aggregate = pre_aggregate
-        self.pack_arrays = pack_arrays  # one array on the wire instead of one per tensor (client_app/wire.py)
-        self._pack_base, self._base_layout = False, ""  # see configure_train
-
-        self.prototypes: np.ndarray | None = (
-            None if initial_prototypes is None else np.asarray(initial_prototypes, np.float32)
-        )
-        self.base: Strategy = copy.deepcopy(self._template)
-        self._base_key: tuple[int, tuple[str, ...]] | None = None
-        self._base_step = 0  # aggregations done by the current base (its Adam "t")
+        self.privacy = privacy
+        self.pack_wire = pack_wire
+        self.evaluation = Evaluation(evaluation or EvaluationOptions(), self.schedule, pack_wire)
+        self.prototypes: np.ndarray | None = None
         # Per-round records, keyed by server round.
         self.rejected: dict[int, list[dict[str, Any]]] = {}
         self.failed: dict[int, list[dict[str, Any]]] = {}
+        self.skipped: dict[int, list[dict[str, Any]]] = {}
         self.prototype_rejected: dict[int, list[dict[str, Any]]] = {}
         self.partition_of: dict[int, int] = {}  # node id -> partition id (from replies)
-        self.best: BestModel | None = None
-        # State of the round in progress.
-        self._global: ArrayRecord | None = None
-        self._names: list[str] = []
-        self._sent: list[Message] = []
-        self._eval_arrays: ArrayRecord | None = None
+        self.round: TrainRound | None = None
 
     # ------------------------------------------------------------------ stages
     def stage_for_round(self, server_round: int) -> str:
         return self.schedule.stage_for_round(server_round)
-
-    @property
-    def stage_boundaries(self) -> list[StageSegment]:
-        return self.schedule.boundaries
 
     def trainable_for(self, stage: str, arrays: ArrayRecord) -> list[str]:
         """Names trained in ``stage``, in the global arrays' order; unknown names fail."""
@@ -235,371 +137,182 @@ class FedDMMRStrategy(Strategy):
             raise ValueError(f"stage {stage!r} has no trainable arrays")
         return [k for k in arrays.keys() if k in wanted]
 
-    def _enter(self, segment: StageSegment, names: list[str]) -> None:
-        """Fresh base strategy (server optimiser state) when the stage segment changes."""
-        key = (segment.index, tuple(names))
-        if key != self._base_key:
-            self.base = copy.deepcopy(self._template)
-            self._base_key, self._base_step = key, 0
-            logger.info(
-                "FedDMMR stage %r (rounds %d-%d): %d trainable arrays, fresh %s state",
-                segment.stage,
-                segment.first_round,
-                segment.last_round,
-                len(names),
-                type(self.base).__name__,
-            )
-
     # ---------------------------------------------------------------- messages
-    def prototype_record(self, prototypes: np.ndarray | None = None) -> ArrayRecord:
-        """{"centroids": [K, P] float32}; [0, P] or no key while none exist."""
-        g = self.prototypes if prototypes is None else prototypes
-        if g is not None:
-            return ArrayRecord({"centroids": Array(np.ascontiguousarray(g, dtype=np.float32))})
-        if self.prototype_dim:
-            return ArrayRecord({"centroids": Array(np.zeros((0, self.prototype_dim), np.float32))})
-        return ArrayRecord()
+    def prototype_payload(self, prototypes: np.ndarray | None = None) -> np.ndarray | None:
+        """The global prototypes to send (``prototypes``: others than the current ones)."""
+        return prototype_payload(self.prototype_options, self.prototypes if prototypes is None else prototypes)
 
     def round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
-        """Per-round train config: base config + stage entries + round entries."""
+        """Per-round train config: the run's entries + the round's (never mutates start()'s config)."""
         seg = self.schedule.segment_for_round(server_round)
-        cfg = ConfigRecord(dict(config))  # never mutate start()'s shared train_config
-        cfg.update(self.stage_config.get(seg.stage, {}))
-        if self.round_config_fn is not None:
-            cfg.update(dict(self.round_config_fn(server_round, seg.stage)))
-        cfg["server-round"] = server_round
-        cfg["stage"] = seg.stage
-        cfg["stage-round"] = server_round - seg.first_round + 1
-        return cfg
+        stage_round = server_round - seg.first_round + 1
+        return ConfigRecord({**dict(config), **round_entries(server_round, seg.stage, stage_round)})
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample with the base (it sees the trainable subset), send the full model."""
         seg = self.schedule.segment_for_round(server_round)
-        names = self.trainable_for(seg.stage, arrays)
-        self._enter(seg, names)
-        self._global, self._names = arrays, names
-        cfg = self.round_config(server_round, config)
-        subset = ArrayRecord({n: arrays[n] for n in names})
-        # The base sees the trainable arrays as ONE vector when nothing hooks in between (no DP, no
-        # SecAgg+): every base strategy here is elementwise, so this is exact, and Flower's
-        # per-array work (Array.numpy per array and reply) drops out of aggregation.
-        self._pack_base = self.pack_arrays and self.pre_aggregate is None
-        if self._pack_base:
-            flat, self._base_layout = pack(to_numpy(subset))
-            subset = ArrayRecord({PACKED: to_array(flat)})
-        sampled = list(self.base.configure_train(server_round, subset, cfg, grid))
-        if sampled:  # the base may have added entries (FedProx: "proximal-mu")
-            cfg = sampled[0].content.config_records.get("config", cfg)
-        content = self._wire(RecordDict({"arrays": arrays, "prototypes": self.prototype_record(), "config": cfg}))
-        self._sent = [
-            Message(content, dst_node_id=m.metadata.dst_node_id, message_type=m.metadata.message_type) for m in sampled
-        ]
-        return self._sent
+        trained = self.trainable_for(seg.stage, arrays)
+        if self.aggregation.start_segment((seg.index, tuple(trained))):
+            logger.info(
+                "FedDMMR stage %r (rounds %d-%d): %d trainable arrays, fresh %s state",
+                seg.stage,
+                seg.first_round,
+                seg.last_round,
+                len(trained),
+                self.aggregation.name,
+            )
+        subset = ArrayRecord({n: arrays[n] for n in trained})
+        nodes, cfg = self.aggregation.sample_train(server_round, subset, self.round_config(server_round, config), grid)
+        content = TrainInstruction(arrays, self.prototype_payload(), cfg).to_content(self.pack_wire)
+        instructions = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
+        reference = {n: from_array(arrays[n]).astype(np.float64) for n in trained}
+        expected = Expected(tuple(trained), reference, self.prototype_options.dim)
+        self.round = TrainRound(server_round, seg, trained, expected, instructions, arrays)
+        return instructions
 
     # --------------------------------------------------------------- aggregate
-    def _record(
-        self,
-        table: dict[int, list[dict[str, Any]]],
-        server_round: int,
-        node_id: int,
-        partition_id: int | None,
-        reason: str,
-        what: str,
-    ) -> None:
-        table.setdefault(server_round, []).append({"node_id": node_id, "partition_id": partition_id, "reason": reason})
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's API: check the plain replies (``collect.read_train_replies``), then ``aggregate_round``."""
+        current = self._current(server_round)
+        return self.aggregate_round(server_round, read_train_replies(current.instructions, replies, current.expected))
+
+    def _current(self, server_round: int) -> TrainRound:
+        if self.round is None or self.round.server_round != server_round:
+            raise RuntimeError(f"configure_train must run for round {server_round} before its aggregation")
+        return self.round
+
+    def aggregate_round(self, server_round: int, replies: RoundReplies) -> tuple[ArrayRecord, MetricRecord]:
+        """A collector's ``RoundReplies`` -> (the FULL new model, the round's train metrics)."""
+        current = self._current(server_round)
+        for table in (self.rejected, self.failed, self.skipped):
+            table[server_round] = []
+        for outcome in replies.failed:
+            self._record(self.failed, server_round, outcome, "failed")
+        for outcome in replies.rejected:
+            self._record(self.rejected, server_round, outcome, "rejected")
+        for outcome in replies.skipped:
+            self._record(self.skipped, server_round, outcome, "skipped")
+        accepted = in_partition_order(self._with_partition(a) for a in replies.accepted)
+        if replies.mean is None:
+            accepted, outliers = drop_norm_outliers(accepted, self.norm_outlier_factor)
+            for outcome in outliers:
+                self._record(self.rejected, server_round, outcome, "rejected")
+        arrays = current.global_arrays
+        if accepted:
+            new = self._server_update(server_round, current, accepted, replies)
+            if new is not None:
+                arrays = self._overlay(current.global_arrays, new)
+            self._aggregate_prototypes(server_round, accepted)
+        else:
+            logger.warning("Round %d: no usable train reply, global model unchanged", server_round)
+        return arrays, self.round_metrics(server_round, accepted, replies.metrics)
+
+    def _with_partition(self, item: Accepted | NodeOutcome) -> Any:
+        """Learn node -> partition from replies that say it; name the partition of those that do not."""
+        if item.partition_id is not None:
+            self.partition_of[item.node_id] = item.partition_id
+            return item
+        known = self.partition_of.get(item.node_id)
+        if isinstance(item, Accepted):
+            item.partition_id = known
+            return item
+        return NodeOutcome(item.node_id, known, item.reason)
+
+    def _record(self, table: dict[int, list[dict[str, Any]]], server_round: int, outcome: NodeOutcome, what: str):
+        outcome = self._with_partition(outcome)
+        table.setdefault(server_round, []).append(outcome.as_record())
         logger.warning(
             "Round %d: %s reply from node %d (partition-id %s): %s",
             server_round,
             what,
-            node_id,
-            partition_id,
-            reason,
+            outcome.node_id,
+            outcome.partition_id,
+            outcome.reason,
         )
 
-    def _check_reply(
-        self, msg: Message, node_id: int, global_np: dict[str, np.ndarray], arrays: dict[str, np.ndarray] | None
-    ) -> tuple[_Candidate | None, int | None, str | None]:
-        """Validate one train reply (``arrays``: its model arrays, None if it has none) -> (candidate,
-        partition id, reason if rejected)."""
-        content = msg.content
-        metrics = content.metric_records.get("metrics")
-        if metrics is None and len(content.metric_records) == 1:
-            metrics = next(iter(content.metric_records.values()))
-        pid = None
-        if metrics is not None and isinstance(metrics.get("partition-id"), int | float):
-            pid = int(metrics["partition-id"])
-            self.partition_of[node_id] = pid
-        pid = self.partition_of.get(node_id, pid)
-        if metrics is None:
-            return None, pid, "no 'metrics' MetricRecord"
-        n = metrics.get(self.weighted_by_key)
-        if not isinstance(n, int | float) or not math.isfinite(n) or n <= 0:
-            return None, pid, f"'{self.weighted_by_key}' missing or not > 0: {n!r}"
-        if arrays is None:
-            return None, pid, "no 'arrays' ArrayRecord"
-        got, want = set(arrays.keys()), set(self._names)
-        if got != want:
-            missing, extra = sorted(want - got), sorted(got - want)
-            return (
-                None,
-                pid,
-                (f"unexpected key set: {len(missing)} missing {missing[:5]}, {len(extra)} unexpected {extra[:5]}"),
-            )
-        sq = 0.0
-        for name in self._names:
-            g = global_np[name]
-            if tuple(arrays[name].shape) != g.shape:
-                return None, pid, f"wrong shape for {name!r}: {tuple(arrays[name].shape)} != {g.shape}"
-            a = arrays[name]
-            if a.dtype.kind in "fc" and not np.isfinite(a).all():
-                return None, pid, f"NaN/Inf in {name!r}"
-            sq += float(np.sum((a.astype(np.float64) - g) ** 2))
-        protos = None
-        proto_rec = content.array_records.get("prototypes")
-        if proto_rec is not None and "centroids" in proto_rec:
-            c = from_array(proto_rec["centroids"])
-            s = from_array(proto_rec["sizes"]) if "sizes" in proto_rec else np.zeros(0)
-            if not (np.isfinite(c).all() and np.isfinite(s.astype(np.float64)).all()):
-                return None, pid, "NaN/Inf in prototypes"
-            protos = (c, s)
-        return _Candidate(msg, node_id, pid, float(n), arrays, metrics, math.sqrt(sq), protos), pid, None
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate replies, aggregate the accepted subsets with the base, return the FULL model."""
-        if self._global is None:
-            raise RuntimeError("configure_train must run before aggregate_train")
-        replies = list(replies)
-        self.rejected[server_round], self.failed[server_round] = [], []
-        # Error replies may carry the SuperLink as source: map them back via our message ids.
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent if m.metadata.message_id}
-        answered = {m.metadata.reply_to_message_id for m in replies}
-        global_np = {n: from_array(self._global[n]).astype(np.float64) for n in self._names}
-
-        candidates: list[_Candidate] = []
-        for msg in replies:
-            node = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-            if msg.has_error():
-                self._record(
-                    self.failed,
-                    server_round,
-                    node,
-                    self.partition_of.get(node),
-                    f"error reply (code {msg.error.code}): {msg.error.reason}",
-                    "failed",
-                )
-                continue
-            try:  # packed or not, read once: the checks and the base use these numpy arrays
-                arrays = read_arrays(msg.content) if "arrays" in msg.content.array_records else None
-            except (ValueError, KeyError) as exc:
-                self._record(self.rejected, server_round, node, self.partition_of.get(node), str(exc), "rejected")
-                continue
-            cand, pid, reason = self._check_reply(msg, node, global_np, arrays)
-            if cand is None:
-                self._record(self.rejected, server_round, node, pid, str(reason), "rejected")
-            else:
-                candidates.append(cand)
-        for mid, node in sent_to.items():
-            if mid not in answered:
-                self._record(
-                    self.failed,
-                    server_round,
-                    node,
-                    self.partition_of.get(node),
-                    "no reply before the timeout",
-                    "failed",
-                )
-
-        # Replies arrive in any order; aggregate in partition order so that a deployment and a
-        # simulation of the same run compute the same sums (and the same prototype clustering).
-        candidates.sort(key=lambda c: (-1 if c.partition_id is None else int(c.partition_id), c.node_id))
-        accepted = self._drop_norm_outliers(server_round, candidates)
-        arrays = self._global
-        if accepted:
-            aggregated = self._base_aggregate(server_round, accepted)
-            if aggregated is not None:
-                arrays = self._overlay(aggregated, global_np)
-            self._aggregate_prototypes(server_round, accepted)
+    def _server_update(
+        self, server_round: int, current: TrainRound, accepted: list[Accepted], replies: RoundReplies
+    ) -> dict[str, np.ndarray] | None:
+        """The accepted updates (or their mean) through the privacy hook and the base strategy."""
+        if replies.mean is not None:
+            total = float(sum(a.weight for a in accepted))
+            updates = [WeightedUpdate(accepted[0].node_id, total, {n: replies.mean[n] for n in current.names})]
         else:
-            logger.warning("Round %d: no usable train reply, global model unchanged", server_round)
-
-        metrics = self.round_metrics(server_round, accepted)
-        if accepted:
-            metrics["update-norm-median"] = float(np.median([c.update_norm for c in accepted]))
-        return arrays, metrics
-
-    def round_metrics(self, server_round: int, accepted: list[_Candidate]) -> MetricRecord:
-        """A round's train metrics: the clients' weighted means plus what the server saw of the round."""
-        metrics = weighted_metrics([c.metrics for c in accepted], self.weighted_by_key)
-        metrics["num-accepted"] = len(accepted)
-        metrics["num-rejected"] = len(self.rejected[server_round])
-        metrics["num-failed"] = len(self.failed[server_round])
-        metrics["num-prototypes"] = 0 if self.prototypes is None else int(self.prototypes.shape[0])
-        metrics["stage-index"] = STAGES.index(self.stage_for_round(server_round))
-        if accepted:
-            seconds = [float(c.metrics.get("client-train-seconds", 0.0)) for c in accepted]  # type: ignore[arg-type]
-            metrics["total-client-train-seconds"] = float(sum(seconds))
-        if self.pre_aggregate is not None and hasattr(self.pre_aggregate, "metrics"):
-            metrics.update(self.pre_aggregate.metrics())
-        return metrics
-
-    def _drop_norm_outliers(self, server_round: int, cands: list[_Candidate]) -> list[_Candidate]:
-        if self.norm_outlier_factor is None or len(cands) < 3:
-            return cands
-        median = float(np.median([c.update_norm for c in cands]))
-        if median <= 0:
-            return cands
-        limit = self.norm_outlier_factor * median
-        keep = []
-        for c in cands:
-            if c.update_norm >= limit:
-                reason = f"update norm {c.update_norm:.4g} >= {self.norm_outlier_factor:g} x median {median:.4g}"
-                self._record(self.rejected, server_round, c.node_id, c.partition_id, reason, "rejected")
-            else:
-                keep.append(c)
-        return keep
-
-    def _base_aggregate(self, server_round: int, accepted: list[_Candidate]) -> ArrayRecord | None:
-        """Run the base on clean copies: only the subset and the weight, same metadata."""
-        clean = []
-        for c in accepted:
-            m = copy.copy(c.msg)  # shares metadata; content replaced on the copy only
-            subset = {n: c.arrays[n] for n in self._names}
-            arrays = ArrayRecord({PACKED: to_array(pack(subset)[0])}) if self._pack_base else to_record(subset)
-            m.content = RecordDict({"arrays": arrays, "metrics": MetricRecord({self.weighted_by_key: c.num_examples})})
-            clean.append(m)
-        if self.pre_aggregate is not None:
-            current = ArrayRecord({n: self._global[n] for n in self._names})  # type: ignore[index]
-            clean = self.pre_aggregate(server_round, clean, current, len(self._sent))
-            if not clean:
+            updates = [WeightedUpdate(a.node_id, a.weight, {n: a.arrays[n] for n in current.names}) for a in accepted]  # type: ignore[index]
+        if self.privacy is not None:
+            present = {n: from_array(current.global_arrays[n]) for n in current.names}
+            nodes = [a.node_id for a in accepted]
+            updates = self.privacy.before_aggregation(Release(server_round, nodes, updates, present, replies.sampled))
+            if not updates:
                 return None
-        self._base_step += 1
-        try:
-            aggregated, _ = self.base.aggregate_train(self._base_step, clean)
-        except (AggregationError, InconsistentMessageReplies) as exc:
-            logger.error("Round %d: base aggregation failed (%s); global model unchanged", server_round, exc)
-            return None
-        if self._pack_base and aggregated is not None:
-            aggregated = to_record(unpack(from_array(aggregated[PACKED]), self._base_layout))
-        return aggregated
+        return self.aggregation.aggregate(server_round, updates)
 
-    def _overlay(self, aggregated: ArrayRecord, global_np: dict[str, np.ndarray]) -> ArrayRecord:
-        """Full global model with the aggregated trainable arrays put in (global dtypes kept)."""
-        assert self._global is not None
+    @staticmethod
+    def _overlay(full: ArrayRecord, trained: dict[str, np.ndarray]) -> ArrayRecord:
+        """The full model with the new trained tensors put in (the global dtypes kept)."""
         out = ArrayRecord()
-        for name, arr in self._global.items():
-            if name in global_np and name in aggregated:
-                dtype = np.dtype(arr.dtype) if arr.dtype else np.float32
-                out[name] = to_array(np.asarray(from_array(aggregated[name]), dtype=dtype))
+        for name, array in full.items():
+            if name in trained:
+                dtype = np.dtype(array.dtype) if array.dtype else np.float32
+                out[name] = to_array(np.asarray(trained[name], dtype=dtype))
             else:
-                out[name] = arr
+                out[name] = array
         return out
 
-    def _aggregate_prototypes(self, server_round: int, accepted: list[_Candidate]) -> None:
-        with_protos = [c for c in accepted if c.prototypes is not None]
-        if not with_protos:
-            return
-        res = aggregate_prototypes(
-            self.prototypes,
-            [c.prototypes for c in with_protos],  # type: ignore[misc]
-            num_prototypes=self.num_prototypes,
-            ema=self.prototype_ema,
-            metric=self.prototype_metric,
-            seed=self.prototype_seed,
-            dim=self.prototype_dim,
-        )
-        for i, reason in res.rejected:
-            c = with_protos[i]
-            self._record(
-                self.prototype_rejected,
-                server_round,
-                c.node_id,
-                c.partition_id,
-                f"prototypes ignored: {reason}",
-                "partly used",
-            )
-        if res.prototypes is not None:
-            self.prototypes = res.prototypes
+    def _aggregate_prototypes(self, server_round: int, accepted: list[Accepted]) -> None:
+        self.prototypes, ignored = merge_prototypes(self.prototype_options, self.prototypes, accepted)
+        for outcome in ignored:
+            self._record(self.prototype_rejected, server_round, outcome, "partly used")
+
+    def round_metrics(self, server_round: int, accepted: list[Accepted], extra: Mapping[str, float]) -> MetricRecord:
+        """A round's train metrics: the clients' weighted means plus what the server saw of the round."""
+        means, total = weighted_means((a.weight, a.metrics) for a in accepted)
+        metrics = MetricRecord({**means, NUM_EXAMPLES: as_count(total)})
+        metrics[names.NUM_ACCEPTED] = len(accepted)
+        metrics[names.NUM_REJECTED] = len(self.rejected[server_round])
+        metrics[names.NUM_FAILED] = len(self.failed[server_round])
+        metrics[names.NUM_SKIPPED] = len(self.skipped[server_round])
+        metrics[names.NUM_PROTOTYPES] = 0 if self.prototypes is None else int(self.prototypes.shape[0])
+        metrics[names.STAGE_INDEX] = STAGES.index(self.stage_for_round(server_round))
+        if accepted:
+            seconds = [float(a.metrics.get(names.CLIENT_TRAIN_SECONDS, 0.0)) for a in accepted]
+            metrics[names.TOTAL_CLIENT_TRAIN_SECONDS] = float(sum(seconds))
+        if self.privacy is not None:
+            metrics.update(self.privacy.metrics())
+        metrics.update(dict(extra))
+        norms = [a.update_norm for a in accepted if not np.isnan(a.update_norm)]
+        if norms:
+            metrics[names.UPDATE_NORM_MEDIAN] = float(np.median(norms))
+        return metrics
 
     # ---------------------------------------------------------------- evaluate
-    def _evaluate_now(self, server_round: int) -> bool:
-        seg = self.schedule.segment_for_round(server_round)
-        return server_round % self.evaluate_every == 0 or server_round == seg.last_round
+    @property
+    def evaluate_node_ids(self) -> list[int] | None:
+        return self.evaluation.node_ids
 
-    def _evaluate_messages(
-        self,
-        node_ids: Iterable[int],
-        arrays: ArrayRecord,
-        cfg: ConfigRecord,
-        prototypes: np.ndarray | None = None,
-    ) -> list[Message]:
-        protos = self.prototype_record(prototypes)
-        content = self._wire(RecordDict({"arrays": arrays, "prototypes": protos, "config": cfg}))
-        return [Message(content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in node_ids]
+    @evaluate_node_ids.setter
+    def evaluate_node_ids(self, node_ids: Iterable[int] | None) -> None:
+        self.evaluation.node_ids = None if node_ids is None else [int(n) for n in node_ids]
 
-    def _wire(self, content: RecordDict) -> RecordDict:
-        return pack_content(content) if self.pack_arrays else content
+    @property
+    def best(self):  # noqa: ANN201 - BestModel | None
+        return self.evaluation.best
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Evaluate every ``evaluate_every`` rounds on the fixed nodes (or the base's sample)."""
-        if not self._evaluate_now(server_round):
-            return []
-        cfg = ConfigRecord(dict(config))
-        cfg["server-round"] = server_round
-        cfg["stage"] = self.stage_for_round(server_round)
-        if "split" not in cfg:
-            cfg["split"] = self.evaluate_split
-        if self.evaluate_node_ids is not None:
-            connected = set(grid.get_node_ids())
-            nodes = [n for n in self.evaluate_node_ids if n in connected]
-            if len(nodes) < len(self.evaluate_node_ids):
-                logger.warning(
-                    "Round %d: %d of the fixed evaluation nodes are not connected",
-                    server_round,
-                    len(self.evaluate_node_ids) - len(nodes),
-                )
-        else:
-            sampled = self.base.configure_evaluate(server_round, arrays, cfg, grid)
-            nodes = [m.metadata.dst_node_id for m in sampled]
-        self._eval_arrays = arrays
-        return self._evaluate_messages(nodes, arrays, cfg)
-
-    def _aggregate_eval_replies(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        ok, failed = [], 0
-        for msg in replies:
-            if msg.has_error() or not msg.content.metric_records:
-                failed += 1
-                reason = msg.error.reason if msg.has_error() else "no metrics"
-                logger.warning(
-                    "Round %d: evaluation reply from node %d failed: %s", server_round, msg.metadata.src_node_id, reason
-                )
-                continue
-            records = msg.content.metric_records
-            rec = records.get("metrics") or next(iter(records.values()))
-            ok.append(rec)
-        if not ok:
-            return None
-        metrics = weighted_metrics(ok, self.weighted_by_key)
-        metrics["num-replies"] = len(ok)
-        metrics["num-failed"] = failed
-        return metrics
+        """Evaluate every ``evaluation.every`` rounds on the fixed nodes (or the base's sample)."""
+        return self.evaluation.configure(
+            server_round, arrays, config, grid, self.prototype_payload(), self.aggregation.sample_evaluate
+        )
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Weighted mean of the client metrics; remembers the best global model."""
-        metrics = self._aggregate_eval_replies(server_round, replies)
-        key = self.best_metric
-        if metrics is not None and key and key in metrics and self._eval_arrays is not None:
-            value = float(metrics[key])  # type: ignore[arg-type]
-            if self.best is None or value > self.best.value:
-                protos = None if self.prototypes is None else self.prototypes.copy()
-                self.best = BestModel(server_round, value, self._eval_arrays, protos)
-                logger.info("Round %d: new best %s = %.5f", server_round, key, value)
-        return metrics
+        return self.evaluation.aggregate(server_round, replies, self.prototypes)
 
     def evaluate_all(
         self,
@@ -613,53 +326,48 @@ class FedDMMRStrategy(Strategy):
         timeout: float = 3600,
     ) -> MetricRecord | None:
         """One federated evaluation outside ``start()`` (e.g. test split, best model, all nodes)."""
-        cfg = ConfigRecord({**dict(config or {}), "split": split})
-        nodes = list(grid.get_node_ids()) if node_ids is None else list(node_ids)
-        messages = self._evaluate_messages(nodes, arrays, cfg, prototypes)
-        replies = grid.send_and_receive(messages, timeout=timeout)
-        return self._aggregate_eval_replies(0, replies)
+        payload = self.prototype_payload(prototypes)
+        return self.evaluation.evaluate_all(grid, arrays, split, payload, node_ids, config, timeout)
 
     # -------------------------------------------------------------- checkpoint
     def checkpoint_state(self) -> dict[str, Any]:
         """What a resumed run needs: server-optimiser state, prototypes, best model (picklable)."""
-        privacy = getattr(self.pre_aggregate, "state_dict", None)
         return {
-            "base": self.base,
-            "base_key": self._base_key,
-            "base_step": self._base_step,
+            "aggregation": self.aggregation.state_dict(),
             "prototypes": self.prototypes,
-            "best": self.best,
-            "privacy": privacy() if privacy else None,
-            "partition_of": dict(self.partition_of),
-        }  # so a node that dies before replying is named
+            "best": self.evaluation.best,
+            "privacy": None if self.privacy is None else self.privacy.state_dict(),
+            "partition_of": dict(self.partition_of),  # so a node that dies before replying is named
+        }
 
     def restore_state(self, state: Mapping[str, Any]) -> None:
-        self.base, self._base_key, self._base_step = state["base"], state["base_key"], state["base_step"]
-        self.prototypes, self.best = state["prototypes"], state["best"]
+        self.aggregation.load_state_dict(state["aggregation"])
+        self.prototypes, self.evaluation.best = state["prototypes"], state["best"]
         self.partition_of.update(state.get("partition_of", {}))
-        if state.get("privacy") is not None and hasattr(self.pre_aggregate, "load_state_dict"):
-            self.pre_aggregate.load_state_dict(state["privacy"])  # type: ignore[union-attr]
+        if state.get("privacy") is not None and self.privacy is not None:
+            self.privacy.load_state_dict(state["privacy"])
 
     def summary(self) -> None:
         """Log the FedDMMR settings, then the base strategy's."""
+        options = self.prototype_options
         logger.info(
             "\t├──> FedDMMR: stages %s (%d rounds), base %s",
             self.schedule,
             self.schedule.total_rounds,
-            type(self._template).__name__,
+            self.aggregation.name,
         )
         logger.info(
             "\t│\t├── prototypes: K=%d, ema=%g, metric=%s, seed=%d",
-            self.num_prototypes,
-            self.prototype_ema,
-            self.prototype_metric,
-            self.prototype_seed,
+            options.num,
+            options.ema,
+            options.metric,
+            options.seed,
         )
-        fixed = self.evaluate_node_ids
+        fixed = self.evaluation.node_ids
         logger.info(
             "\t│\t└── norm outlier factor: %s, evaluate every %d round(s) on %s",
             self.norm_outlier_factor,
-            self.evaluate_every,
+            self.evaluation.options.every,
             "sampled nodes" if fixed is None else f"{len(fixed)} fixed nodes",
         )
-        self.base.summary()
+        self.aggregation.summary()

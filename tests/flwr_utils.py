@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-APP_PARTS = ("pyproject.toml", "README.md", "feddmmr_flower", "client_app", "server_app", "strategies")
+APP_PARTS = ("pyproject.toml", "README.md", "feddmmr_flower", "feddmmr_wire", "client_app", "server_app", "strategies")
 BIN = Path(sys.executable).parent
 
 

@@ -65,7 +65,7 @@ def _context(setup: dict, state_dir, state: RecordDict | None = None, run_id: in
 def _train(setup: dict, context: Context, rnd: int, run_key: str = "run-a") -> dict:
     msg = _message(
         setup["arrays"],
-        {"stage": "pretrain", "lr": 0.05, "local-epochs": 1, "server-round": rnd, "run-key": run_key},
+        {"stage": "pretrain", "client-lr": 0.05, "local-epochs": 1, "server-round": rnd, "run-key": run_key},
         "train",
     )
     return dict(client_train(msg, context).content.metric_records["metrics"])

@@ -1,7 +1,7 @@
 """Privacy (issue #7): what leaves a client, DP (central and local), SecAgg+, prototype release.
 
 The federated runs here are the real ``FederatedRun`` round loop driving the real ClientApp (with
-its mods) through ``server_app.inprocess.InProcessGrid``, every message serialised to Flower's wire
+its mods) through ``benchmarks.harness.InProcessGrid``, every message serialised to Flower's wire
 format; ``test_secagg_in_a_flwr_run_simulation_equals_the_plain_loop`` repeats the SecAgg+ comparison in a real ``flwr run``.
 """
 
@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Message, MessageType
-from flwr.supercore.task_identity import TaskIdentity
 
+from benchmarks.harness import InProcessGrid, server_identity
+from feddmmr_flower import checkpoint
 from feddmmr_flower.config import ExperimentConfig
 from feddmmr_flower.errors import ConfigError
-from feddmmr_flower.experiment import load_assets
+from feddmmr_flower.experiment import load_assets, prototype_config
 from feddmmr_flower.memory import LocalDynamicMemory
 from feddmmr_flower.privacy import (
     RdpAccountant,
@@ -26,8 +27,7 @@ from feddmmr_flower.privacy import (
     local_dp_noise_std,
     rdp_subsampled_gaussian,
 )
-from feddmmr_flower.prototypes import PrototypeConfig, local_prototypes
-from server_app.inprocess import InProcessGrid
+from feddmmr_flower.prototypes import local_prototypes
 
 from .conftest import synthetic_ml100k
 
@@ -44,6 +44,7 @@ TINY = {
     "min-available-nodes": NUM_USERS,
     "dropout": 0.0,
     "strategy": "fedavg",
+    "prototype-noise": 0.0,  # fresh noise per release would make the runs differ by design
 }
 MODES = {
     "off": {},
@@ -90,20 +91,18 @@ def run_inprocess(root: Path, name: str, overrides: dict, tap=None, users: int =
         "config": json.loads((out / "config.json").read_text()),
         "grid": grid,
         "flat": flat,
-        "last": torch.load(out / "last.pt", map_location="cpu", weights_only=False),
+        "last": checkpoint.load(out / "last.pt"),
     }
 
 
 @pytest.fixture(scope="module")
 def task_identity():
     """Instruction messages read the run/node id a ServerApp process gets from Flower."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with server_identity():
+        yield
     torch.set_num_threads(threads)
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 @pytest.fixture(scope="module")
@@ -183,12 +182,19 @@ def test_min_cluster_size_and_noise_applied_before_release() -> None:
         ]
     )
     weights = np.ones(len(vectors))
-    cfg = PrototypeConfig(num_prototypes=3, min_cluster_size=3, seed=0)
+    cfg = prototype_config(num_prototypes=3, min_cluster_size=3, noise_std=0.0, seed=0)
     c, s = local_prototypes(vectors, weights, cfg)
     assert sorted(s.tolist()) == [4.0, 6.0]  # the 2-member cluster is never released
-    assert local_prototypes(vectors, weights, PrototypeConfig(3, 7, 0.0, 0))[0].shape == (0, 3)
+    assert local_prototypes(
+        vectors, weights, prototype_config(num_prototypes=3, min_cluster_size=7, noise_std=0.0, seed=0)
+    )[0].shape == (0, 3)
     assert local_prototypes(vectors[:2], weights[:2], cfg)[0].shape == (0, 3)  # fewer entries than the minimum
-    noisy = [local_prototypes(vectors, weights, PrototypeConfig(3, 3, 0.5, 0))[0] for _ in range(2)]
+    noisy = [
+        local_prototypes(
+            vectors, weights, prototype_config(num_prototypes=3, min_cluster_size=3, noise_std=0.5, seed=0)
+        )[0]
+        for _ in range(2)
+    ]
     order = np.argsort(s)
     for n in noisy:
         diff = n[np.argsort(local_prototypes(vectors, weights, cfg)[1])] - c[order]
@@ -199,8 +205,8 @@ def test_min_cluster_size_and_noise_applied_before_release() -> None:
 def test_client_releases_only_filtered_noised_prototypes(small_ml100k: Path, tmp_path: Path, one_torch_thread) -> None:
     """The real client training step: released prototypes obey min-cluster-size and carry the noise."""
     from feddmmr_flower.client import ClientRuntime
+    from feddmmr_flower.prototypes import memory_prototypes
     from feddmmr_flower.stages import trainable_state
-    from feddmmr_flower.train import memory_prototypes
 
     base = {
         "data-dir": str(small_ml100k),
@@ -208,6 +214,7 @@ def test_client_releases_only_filtered_noised_prototypes(small_ml100k: Path, tmp
         "hidden": 16,
         "maxlen": 30,
         "negatives": 20,
+        "prototype-noise": 0.0,
     }
     released = {}
     for key, extra in {"plain": {}, "noisy": {"prototype-noise": 0.3}, "strict": {"min-cluster-size": 50}}.items():
@@ -223,7 +230,7 @@ def test_client_releases_only_filtered_noised_prototypes(small_ml100k: Path, tmp
             runtime.model,
             LocalDynamicMemory.single(runtime.memory_cfg, memory),
             0,
-            PrototypeConfig(5, runtime.proto_cfg.min_cluster_size, 0.0, runtime.cfg.seed),
+            prototype_config(runtime.cfg, num_prototypes=5, noise_std=0.0),
         )
         released[key] = (outcome, exact, sizes)
     plain, exact, sizes = released["plain"]
@@ -240,8 +247,8 @@ def _stage_of(ins: Message) -> str:
 
 
 def _arrays(msg: Message):
-    """The named arrays of a message (the model travels packed into one array: client_app/wire.py)."""
-    from client_app.wire import unpack_content
+    """The named arrays of a message (the model travels packed into one array: feddmmr_wire.packing)."""
+    from feddmmr_wire import unpack_content
 
     return unpack_content(msg.content).array_records["arrays"]
 
@@ -299,7 +306,7 @@ def test_wire_holds_only_trainable_arrays_prototypes_and_scalars(runs, mode) -> 
 def test_secagg_wire_holds_only_masked_updates(runs) -> None:
     from flwr.common import bytes_to_ndarray
 
-    from client_app.privacy_mods import SECAGG_EXTRAS
+    from feddmmr_wire.keys import SECAGG_EXTRAS
 
     run = runs["secagg"]
     model, cfg = _model(run)
@@ -381,7 +388,7 @@ def test_central_dp_clips_on_the_client_and_reports_epsilon(runs) -> None:
     dp = run["summary"]["privacy"]["dp"]
     assert dp["releases"] == 3 and dp["epsilon"] == pytest.approx(expected.epsilon(), abs=1e-4)
     assert run["config"]["privacy"]["dp"]["noise_multiplier"] == 1.0
-    assert run["last"]["strategy"]  # accountant state is in the checkpoint (resume keeps counting)
+    assert run["last"].resume["strategy"]  # accountant state is in the checkpoint (resume keeps counting)
 
 
 def test_local_dp_noise_and_report(runs) -> None:
@@ -406,7 +413,7 @@ def _max_diff(a: dict, b: dict) -> float:
 
 def test_secagg_equals_plain_within_quantisation(runs) -> None:
     plain, secure = runs["off"], runs["secagg"]
-    assert _max_diff(plain["last"]["state_dict"], secure["last"]["state_dict"]) < 1e-4
+    assert _max_diff(plain["last"].state_dict, secure["last"].state_dict) < 1e-4
     assert secure["summary"]["test"] == plain["summary"]["test"]
     for r in secure["history"]:
         assert r["train"]["secure-aggregation"] == 1 and r["train"]["num-accepted"] == NUM_USERS
@@ -424,7 +431,7 @@ def test_secagg_with_fedadam_and_a_dropout_equals_plain_rejection(tmp_path, task
         assert not r["failed"] and [f["partition_id"] for f in r["rejected"]] == [2]
         assert "withheld" in r["rejected"][0]["reason"] and "NaN" in r["rejected"][0]["reason"]
         assert r["train"]["num-accepted"] == NUM_USERS - 1
-    a, b = plain["last"]["state_dict"], secure["last"]["state_dict"]
+    a, b = plain["last"].state_dict, secure["last"].state_dict
     diff = torch.cat([(a[k].double() - b[k].double()).abs().flatten() for k in a])
     # FedAdam with tau = 1e-9 turns the *sign* of each coordinate's mean update into a step of up to
     # server-lr: where the true mean is below SecAgg+'s quantisation step (~5e-7) the sign can flip.
@@ -459,23 +466,20 @@ def test_secagg_in_a_flwr_run_simulation_equals_the_plain_loop(tmp_path, task_id
     history = json.loads((out / "history.json").read_text())["rounds"]
     assert [r["train"]["secure-aggregation"] for r in history] == [1, 1]
     assert all(r["train"]["num-accepted"] == users for r in history)
-    secure = torch.load(out / "last.pt", map_location="cpu", weights_only=False)["state_dict"]
-    assert _max_diff(plain["last"]["state_dict"], secure) < 1e-4
+    secure = checkpoint.load(out / "last.pt").state_dict
+    assert _max_diff(plain["last"].state_dict, secure) < 1e-4
 
 
-def test_central_dp_mean_is_fixed_denominator_clipped_and_noised_then_fedadam(monkeypatch) -> None:
+def test_central_dp_mean_is_fixed_denominator_clipped_and_noised_then_fedadam(task_identity) -> None:
     """Unit level: replies re-clipped on the server, absent sampled clients count as zero updates,
     noise std = z C / m, and the server optimiser only ever sees that noised mean."""
     from strategies.dp import CentralFixedClippingDP
 
     from .test_strategy import configure, global_arrays, make_strategy, reply, to_np
 
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     dp = CentralFixedClippingDP(clipping_norm=1.0, noise_multiplier=1e-9, delta=1e-5)
     dp.population = 10
-    st = make_strategy("fedavg", pre_aggregate=dp)
+    st = make_strategy("fedavg", privacy=dp)
     g = global_arrays()
     gn = to_np(g)
     ins = configure(st, 1, g, [1, 2, 3, 4])  # 4 sampled, 2 answer
@@ -491,7 +495,7 @@ def test_central_dp_mean_is_fixed_denominator_clipped_and_noised_then_fedadam(mo
     dp = CentralFixedClippingDP(clipping_norm=2.0, noise_multiplier=1.0, delta=1e-5)
     dp.population = 4
     big_g = {"emb": np.zeros((400, 50), np.float32)}
-    st = make_strategy("fedavg", pre_aggregate=dp)
+    st = make_strategy("fedavg", privacy=dp)
     st.trainable_names = {"pretrain": ["emb"], "align": ["emb"], "finetune": ["emb"]}
     from flwr.app import Array, ArrayRecord
 
@@ -511,5 +515,5 @@ def test_local_dp_composes_with_secagg(tmp_path, task_identity) -> None:
     assert [r["train"]["num-accepted"] for r in run["history"]] == [NUM_USERS, NUM_USERS]
     assert run["summary"]["privacy"]["dp"]["max_releases_per_node"] == 2
     assert run["summary"]["privacy"]["secure_aggregation"] is not None
-    plain = run["last"]["state_dict"]["backbone.item_emb.weight"].numpy()
+    plain = run["last"].state_dict["backbone.item_emb.weight"].numpy()
     assert np.isfinite(plain).all()

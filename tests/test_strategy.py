@@ -6,7 +6,6 @@ Real Flower 1.41 records and messages, a fake in-process Grid, no network.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable
 
 import numpy as np
@@ -22,26 +21,21 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedTrimmedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
-from strategies import (
-    FedDMMRStrategy,
-    StageSchedule,
-    aggregate_prototypes,
-    make_base_strategy,
-    parse_stage_schedule,
-)
+from benchmarks.harness import server_identity
+from feddmmr_flower.prototype_aggregation import aggregate_prototypes
+from feddmmr_flower.stages import StageSchedule, parse_stage_schedule
+from strategies import EvaluationOptions, FedDMMRStrategy, PrototypeOptions, make_base_strategy
 
 SHAPES = {"emb": (4, 2), "w": (2, 2), "b": (2,)}
 TRAINABLE = {"pretrain": ["emb", "w"], "align": ["b"], "finetune": ["w", "b"]}
 
 
 @pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+def task_identity():
     """Message() for instructions reads the run/node id the ServerApp process gets from Flower."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    with server_identity():
+        yield
 
 
 def global_arrays(seed: int = 0) -> ArrayRecord:
@@ -87,15 +81,16 @@ class FakeGrid:
     def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001
         out = []
         for m in messages:
-            m.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as InMemoryGrid.push_messages
             self.sent.append(m)
             out.append(self.clients[m.metadata.dst_node_id](m))
         return out
 
 
+BASE_KWARGS = {"min_available_nodes": 1, "min_train_nodes": 1, "min_evaluate_nodes": 1}
+
+
 def make_strategy(base: str = "fedavg", schedule: str = "pretrain:3,align:1,finetune:2", **kw) -> FedDMMRStrategy:
-    base_kwargs = {"min_available_nodes": 1, "min_train_nodes": 1, "min_evaluate_nodes": 1}
-    base_kwargs.update(kw.pop("base_kwargs", {}))
+    base_kwargs = {**BASE_KWARGS, **kw.pop("base_kwargs", {})}
     return FedDMMRStrategy(schedule=schedule, base=base, base_kwargs=base_kwargs, trainable_names=TRAINABLE, **kw)
 
 
@@ -138,7 +133,7 @@ def test_make_base_strategy_passes_only_accepted_kwargs() -> None:
 def test_stage_schedule_parsing() -> None:
     s = parse_stage_schedule(" pretrain:2, align:0 ,finetune:3,align:1")
     assert [s.stage_for_round(r) for r in range(1, 7)] == ["pretrain"] * 2 + ["finetune"] * 3 + ["align"]
-    assert [(b.stage, b.first_round, b.last_round) for b in s.boundaries] == [
+    assert [(b.stage, b.first_round, b.last_round) for b in s.segments] == [
         ("pretrain", 1, 2),
         ("finetune", 3, 5),
         ("align", 6, 6),
@@ -167,23 +162,24 @@ def test_stage_schedule_errors_name_the_bad_part(text: str, bad: str) -> None:
 
 # ---------------------------------------------------------------------- training
 def test_configure_train_sends_full_model_prototypes_and_round_config() -> None:
-    st = make_strategy(stage_config={"align": {"lr": 0.01}}, prototype_dim=3)
+    st = make_strategy(prototypes=PrototypeOptions(dim=3))
     g = global_arrays()
-    shared = ConfigRecord({"lr": 0.1, "local-epochs": 1})
+    shared = ConfigRecord({"client-lr": 0.1, "local-epochs": 1})
     msgs = list(st.configure_train(4, g, shared, FakeGrid({7: lambda m: m})))
     content = msgs[0].content
     assert msgs[0].metadata.message_type == MessageType.TRAIN
     assert set(content["arrays"].keys()) == set(SHAPES)  # full model, frozen tensors included
     assert content["prototypes"]["centroids"].numpy().shape == (0, 3)
     cfg = content["config"]
-    assert (cfg["server-round"], cfg["stage"], cfg["stage-round"], cfg["lr"], cfg["local-epochs"]) == (
+    assert (cfg["server-round"], cfg["stage"], cfg["stage-round"], cfg["client-lr"], cfg["local-epochs"]) == (
         4,
         "align",
         1,
-        0.01,
+        0.1,
         1,
     )
-    assert dict(shared) == {"lr": 0.1, "local-epochs": 1}  # start()'s shared config untouched
+    assert dict(shared) == {"client-lr": 0.1, "local-epochs": 1}  # start()'s shared config untouched
+    assert st.round is not None and st.round.names == ["b"] and st.round.expected.names == ("b",)
 
 
 def test_fedavg_aggregates_trainable_subset_and_keeps_frozen() -> None:
@@ -235,7 +231,7 @@ def test_fedadam_with_subsets_matches_stock_fedadam_and_survives_stage_change() 
     # Stage change: a different subset gets a fresh optimiser state, no key-mismatch error.
     gn = to_np(g)
     (ins,) = configure(st, 3, g, [5])
-    assert st.base is not None and getattr(st.base, "m_t", None) is None
+    assert getattr(st.aggregation.base, "m_t", None) is None
     new, metrics = st.aggregate_train(3, [reply(ins, {"b": gn["b"] + 1.0}, 2, 0)])
     assert metrics["num-accepted"] == 1 and metrics["stage-index"] == 1
     np.testing.assert_array_equal(new["emb"].numpy(), gn["emb"])
@@ -284,8 +280,6 @@ def test_all_rejected_keeps_global_and_error_replies_are_failures() -> None:
     )
     a, b = configure(st, 2, g, [1, 2])
     bad = {"emb": np.full(SHAPES["emb"], np.inf, np.float32), "w": gn["w"]}
-    for m in (a, b):  # ids as a Grid sets them when pushing
-        m.metadata.__dict__["_message_id"] = str(uuid.uuid4())
     err = Message(Error(code=1, reason="ClientApp crashed"), reply_to=a)
     arrays, metrics = st.aggregate_train(2, [err, reply(b, bad, 1, 41)])
     for k in SHAPES:
@@ -294,8 +288,7 @@ def test_all_rejected_keeps_global_and_error_replies_are_failures() -> None:
     assert st.rejected[2][0]["partition_id"] == 41
     assert (metrics["num-accepted"], metrics["num-rejected"], metrics["num-failed"]) == (0, 1, 1)
     # A node that never answered is a failure too.
-    (a,) = configure(st, 3, g, [2])
-    a.metadata.__dict__["_message_id"] = "m-3"
+    configure(st, 3, g, [2])
     st.aggregate_train(3, [])
     assert st.failed[3][0]["node_id"] == 2 and "no reply" in st.failed[3][0]["reason"]
 
@@ -363,7 +356,7 @@ def test_prototype_edge_cases() -> None:
 
 
 def test_strategy_stores_and_sends_aggregated_prototypes() -> None:
-    st = make_strategy("fedavg", num_prototypes=2)
+    st = make_strategy("fedavg", prototypes=PrototypeOptions(num=2))
     g = global_arrays()
     gn = to_np(g)
     a, b, c = configure(st, 1, g, [1, 2, 3])
@@ -408,9 +401,8 @@ def test_start_runs_all_stages_with_fedadam_and_evaluation() -> None:
     st = make_strategy(
         "fedadam",
         schedule="pretrain:2,align:1,finetune:2",
-        evaluate_node_ids=[100, 102],
-        evaluate_every=2,
-        prototype_dim=3,
+        evaluation=EvaluationOptions(every=2, node_ids=(100, 102)),
+        prototypes=PrototypeOptions(dim=3),
     )
     seen: list[int] = []
     g0 = global_arrays()
@@ -539,29 +531,43 @@ def test_norm_below_the_outlier_factor_is_accepted() -> None:
 
 
 @pytest.mark.parametrize("base", ["fedavg", "fedadam", "fedyogi", "fedavgm", "fedmedian", "fedtrimmedavg"])
-def test_the_base_aggregating_one_packed_vector_equals_aggregating_each_array(base: str) -> None:
-    """With the model packed on the wire the base sees one vector; elementwise bases give the same model."""
+def test_the_model_equals_the_stock_base_aggregating_each_array_with_or_without_wire_packing(base: str) -> None:
+    """The base sees one packed vector, the wire may pack the model too: every base here is
+    elementwise, so the result equals stock Flower aggregating each named array of the subset."""
+    trained = TRAINABLE["pretrain"]
     results = {}
     for packed in (False, True):
-        strategy = make_strategy(base, schedule="pretrain:3", pack_arrays=packed)
-        arrays, rng = global_arrays(), np.random.default_rng(7)
+        strategy = make_strategy(base, schedule="pretrain:3", pack_wire=packed)
+        stock = make_base_strategy(base, **BASE_KWARGS)
+        arrays, expected, rng = global_arrays(), global_arrays(), np.random.default_rng(7)
         for rnd in (1, 2, 3):
             msgs = configure(strategy, rnd, arrays, [1, 2, 3, 4])
+            assert ("layout" in msgs[0].content.config_records) == packed
+            subset = ArrayRecord({k: expected[k] for k in trained})
+            stock.configure_train(rnd, subset, ConfigRecord(), FakeGrid({1: lambda m: m}))
             current = to_np(arrays)
-            replies = [
-                reply(
-                    m,
-                    {
-                        k: current[k] + rng.normal(scale=0.1, size=current[k].shape).astype(np.float32)
-                        for k in TRAINABLE["pretrain"]
-                    },
-                    n=10 * (i + 1),
-                    pid=i,
-                )
-                for i, m in enumerate(msgs)
+            updates = [
+                {k: current[k] + rng.normal(scale=0.1, size=current[k].shape).astype(np.float32) for k in trained}
+                for _ in msgs
             ]
+            replies = [reply(m, u, n=10 * (i + 1), pid=i) for i, (m, u) in enumerate(zip(msgs, updates))]
             arrays, _ = strategy.aggregate_train(rnd, replies)
+            plain = [
+                Message(
+                    RecordDict(
+                        {
+                            "arrays": ArrayRecord({k: Array(v) for k, v in u.items()}),
+                            "metrics": MetricRecord({"num-examples": 10 * (i + 1)}),
+                        }
+                    ),
+                    reply_to=m,
+                )
+                for i, (m, u) in enumerate(zip(msgs, updates))
+            ]
+            new, _ = stock.aggregate_train(rnd, plain)
+            expected = ArrayRecord({k: new[k] if k in trained else expected[k] for k in SHAPES})
         results[packed] = to_np(arrays)
-        assert strategy._pack_base == packed
+        for name, value in to_np(expected).items():
+            np.testing.assert_allclose(results[packed][name], value, rtol=0, atol=1e-6, err_msg=name)
     for name, value in results[False].items():
-        np.testing.assert_allclose(results[True][name], value, rtol=0, atol=1e-6, err_msg=name)
+        np.testing.assert_array_equal(results[True][name], value, err_msg=name)

@@ -1,13 +1,23 @@
-"""The model travels as one packed array (Flower's per-array cost in a deployment, see packing.py)."""
+"""The wire (``feddmmr_wire``): the packed model, the fast array conversion, the typed messages."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 
-from client_app.wire import arrays_record, from_array, pack_content, read_arrays, to_array, unpack_content, wire_mod
-from feddmmr_flower.packing import pack, packable, unpack
+from client_app.wire_mod import wire_mod
+from feddmmr_wire import (
+    arrays_records,
+    from_array,
+    pack,
+    pack_content,
+    packable,
+    read_arrays,
+    to_array,
+    unpack,
+    unpack_content,
+)
 
 
 def _arrays(seed: int = 0) -> dict[str, np.ndarray]:
@@ -106,7 +116,7 @@ def test_without_dp_the_app_reads_the_packed_model_and_replies_packed():
         assert list(arrays) == list(_arrays())
         update = {k: v + 1 for k, v in arrays.items()}
         return Message(
-            content=RecordDict(arrays_record(update, packed="layout" in msg.content.config_records)), reply_to=msg
+            content=RecordDict(arrays_records(update, packed="layout" in msg.content.config_records)), reply_to=msg
         )
 
     context = Context(run_id=1, node_id=3, node_config={}, state=RecordDict(), run_config={"dp-mode": "off"})
@@ -144,3 +154,110 @@ def test_the_client_mod_leaves_unpacked_messages_alone():
         _message(_content(_arrays())), context, lambda msg, ctx: Message(content=_content(_arrays(1)), reply_to=msg)
     )
     assert "packed" not in reply.content.array_records["arrays"]
+
+
+# ------------------------------------------------------------------ typed messages
+def test_train_instruction_round_trip_packed_and_plain():
+    from feddmmr_wire import TrainInstruction, round_entries, train_settings
+
+    config = {**dict(train_settings(0.05, 2, "run-x", clipping_norm=0.1)), **round_entries(7, "align", 2)}
+    prototypes = np.ones((3, 5), np.float32)
+    for packed in (False, True):
+        content = TrainInstruction(_arrays(), prototypes, config).to_content(packed)
+        assert ("layout" in content.config_records) == packed
+        back = TrainInstruction.from_content(content)
+        assert list(back.arrays) == list(_arrays()) and np.array_equal(back.prototypes, prototypes)
+        assert (back.server_round, back.stage, back.client_lr, back.local_epochs, back.run_key) == (
+            7,
+            "align",
+            0.05,
+            2,
+            "run-x",
+        )
+        assert back.proximal_mu == 0.0 and back.config["clipping_norm"] == 0.1 and back.config["stage-round"] == 2
+    lacking = TrainInstruction.from_content(
+        TrainInstruction(_arrays(), None, round_entries(1, "pretrain")).to_content(True)
+    )
+    assert lacking.prototypes is None
+    with pytest.raises(ValueError, match="'client-lr'"):
+        _ = lacking.client_lr
+
+
+def test_evaluate_instruction_and_reply_round_trip():
+    from feddmmr_wire import EvaluateInstruction, EvaluateReply, evaluate_settings
+
+    content = EvaluateInstruction(_arrays(), None, {**dict(evaluate_settings("run-y")), "split": "test"}).to_content(
+        True
+    )
+    back = EvaluateInstruction.from_content(content)
+    assert back.split == "test" and back.run_key == "run-y" and set(back.arrays) == set(_arrays())
+    reply = EvaluateReply.from_content(EvaluateReply({"NDCG@10": 0.5, "full-HR@10": 0.25}, 4).to_content())
+    assert reply.metrics == {"NDCG@10": 0.5, "full-HR@10": 0.25} and reply.partition_id == 4 and reply.num_examples == 1
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_train_reply_round_trip(packed):
+    from feddmmr_wire import TrainReply
+
+    centroids, sizes = np.ones((2, 4), np.float32), np.array([3.0, 5.0], np.float32)
+    sent = TrainReply(_arrays(), 17, 3, {"loss": 1.5, "memory-size": 4.0}, centroids, sizes)
+    back = TrainReply.from_content(sent.to_content(packed))
+    assert (back.num_examples, back.partition_id, back.metrics, back.status) == (17, 3, sent.metrics, "ok")
+    assert np.array_equal(back.centroids, centroids) and np.array_equal(back.sizes, sizes)
+    for name, value in _arrays().items():
+        assert np.array_equal(back.arrays[name], value)
+
+
+def test_a_reply_with_nothing_to_train_says_so():
+    from feddmmr_wire import TrainReply, TrainStatus
+
+    content = TrainReply.nothing_to_train(5, "no training position", {"loss": 0.0}).to_content(packed=True)
+    assert "arrays" not in content.array_records
+    back = TrainReply.from_content(content)
+    assert (back.status, back.reason, back.partition_id, back.num_examples) == (
+        TrainStatus.NOTHING_TO_TRAIN,
+        "no training position",
+        5,
+        0,
+    )
+
+
+@pytest.mark.parametrize(
+    "records, reason",
+    [
+        ({}, "no 'metrics' MetricRecord"),
+        ({"metrics": MetricRecord({"partition-id": 4})}, "'num-examples' missing"),
+        ({"metrics": MetricRecord({"num-examples": 3, "partition-id": 4})}, "no 'arrays' ArrayRecord"),
+        (
+            {
+                "metrics": MetricRecord({"num-examples": 3, "partition-id": 4}),
+                "arrays": ArrayRecord({"w": Array(np.zeros(3, np.float32))}),
+                "layout": ConfigRecord({"arrays": '[["w", [3]]]'}),
+            },
+            "a layout but no packed arrays",
+        ),
+        (
+            {"metrics": MetricRecord({"num-examples": 3}), "status": ConfigRecord({"code": "tired"})},
+            "unknown reply status 'tired'",
+        ),
+    ],
+)
+def test_a_malformed_train_reply_names_its_problem_and_user(records, reason):
+    from feddmmr_wire import MessageError, TrainReply
+
+    with pytest.raises(MessageError, match=reason) as info:
+        TrainReply.from_content(RecordDict(records))
+    assert info.value.partition_id == (4 if "partition-id" in records.get("metrics", {}) else None)
+
+
+def test_secagg_plaintext_round_trip():
+    from feddmmr_wire import SecAggPlaintext, TrainReply
+    from feddmmr_wire.keys import SECAGG_EXTRAS
+
+    plain = SecAggPlaintext(["a", "b"], "non-finite", np.ones((1, 3), np.float32), np.array([4.0], np.float32))
+    content = RecordDict(
+        {SECAGG_EXTRAS: plain.to_record(), "metrics": MetricRecord({"num-examples": 9, "partition-id": 2})}
+    )
+    reply, back = TrainReply.from_secagg_content(content)
+    assert back.array_names == ["a", "b"] and back.withheld == "non-finite" and reply.arrays == {}
+    assert (reply.num_examples, reply.partition_id) == (9, 2) and np.array_equal(reply.centroids, plain.centroids)
