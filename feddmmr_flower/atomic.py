@@ -9,6 +9,7 @@ temporary file is removed.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -42,6 +43,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def atomic_write_json(path: str | Path, payload: dict) -> None:
+    """Indented JSON, written atomically (a crash never leaves half a file)."""
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())
 
 
 def writable_dir(path: str | Path, what: str = "output folder") -> Path:

@@ -12,15 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
-from .config import ExperimentConfig, kebab
+from .config import CENTRAL_DEFAULTS, ExperimentConfig, kebab
 from .errors import ConfigError, FedDMMRError
 
 
-def add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
-    """One flag per ExperimentConfig field (``--no-<flag>`` for booleans)."""
+def add_config_flags(
+    parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None, defaults: Mapping[str, Any] | None = None
+) -> None:
+    """One flag per ExperimentConfig field (``--no-<flag>`` for booleans); help shows ``defaults`` first."""
     for spec in fields(ExperimentConfig):
         if only is not None and spec.name not in only:
             continue
@@ -31,10 +35,17 @@ def add_config_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | No
             caster = {"int": int, "float": float}.get(
                 spec.type if isinstance(spec.type, str) else spec.type.__name__, str
             )
-            parser.add_argument(flag, dest=spec.name, type=caster, default=None, help=f"default: {spec.default!r}")
+            parser.add_argument(
+                flag,
+                dest=spec.name,
+                type=caster,
+                default=None,
+                help=f"default: {(defaults or {}).get(kebab(spec.name), spec.default)!r}",
+            )
 
 
-def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+def config_from_args(args: argparse.Namespace, defaults: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """The flags given, over ``defaults`` (e.g. ``CENTRAL_DEFAULTS``), over ExperimentConfig's defaults."""
     given = {
         kebab(f.name): getattr(args, f.name)
         for f in fields(ExperimentConfig)
@@ -42,7 +53,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     }
     if "dataset" in given and "data-dir" not in given:
         given["data-dir"] = f"data/{given['dataset']}"
-    return ExperimentConfig.from_flat(given, strict=True)
+    return ExperimentConfig.from_flat({**(defaults or {}), **given}, strict=True)
 
 
 DATA_FLAGS = ("dataset", "data_dir", "cache_dir", "items_file", "top_users", "min_seq_len", "download_url")
@@ -68,16 +79,15 @@ def cmd_features(args: argparse.Namespace) -> dict:
 def cmd_train_central(args: argparse.Namespace) -> dict:
     import torch
 
-    from .experiment import build_model, load_assets, load_weights, memory_config, prototype_config, train_config
+    from .central import train_central
+    from .experiment import build_model, load_assets, load_weights, memory_config
     from .memory import LocalDynamicMemory
-    from .stages import StageSchedule
-    from .train import result_payload, train_central
 
     if args.epochs is not None:
         if args.stage_schedule is not None:
             raise ConfigError("give either --epochs or --stage-schedule, not both")
         args.stage_schedule = f"pretrain:{args.epochs}"
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, CENTRAL_DEFAULTS)
     if args.threads:
         torch.set_num_threads(args.threads)
     assets = load_assets(cfg)
@@ -88,34 +98,15 @@ def cmd_train_central(args: argparse.Namespace) -> dict:
     out = (
         Path(args.out) if args.out else Path(cfg.output_dir) / (cfg.run_name or f"central-{cfg.dataset}-{cfg.variant}")
     )
-    result = train_central(
-        model,
-        assets.data,
-        train_config(cfg),
-        StageSchedule.parse(cfg.stage_schedule),
-        memory,
-        prototype_config(cfg),
-        out_dir=out,
-        device=cfg.device,
-        extra_config={
-            "experiment": cfg.flat(),
-            "data": assets.data.stats(),
-            "features": _feature_labels(assets.features),
-        },
-    )
-    payload = result_payload(result)
-    if args.results_json:
-        from .data.sequences import atomic_write_json
-
-        Path(args.results_json).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(Path(args.results_json), payload)
+    facts = {"data": assets.data.stats(), "features": _feature_labels(assets.features)}
+    result = train_central(model, assets.data, cfg, memory, out_dir=out, facts=facts)
     return {
         "out": str(out),
-        "best_epoch": payload["best_epoch"],
-        "best_stage": payload["best_stage"],
-        "test": payload["test"],
-        "wall_time_s": payload["wall_time_s"],
-        "train_sequences_per_s": payload["train_sequences_per_s"],
+        "best_epoch": result.best_epoch,
+        "best_stage": result.best_stage,
+        "test": result.test,
+        "wall_time_s": result.wall_time_s,
+        "train_sequences_per_s": result.train_sequences_per_s,
     }
 
 
@@ -196,11 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     features.set_defaults(func=cmd_features)
 
     central = sub.add_parser("train-central", help="train SASRec/FedDMMR centrally through a stage schedule")
-    add_config_flags(central)
+    add_config_flags(central, defaults=CENTRAL_DEFAULTS)
     central.add_argument("--epochs", type=int, default=None, help="shorthand for --stage-schedule pretrain:N")
     central.add_argument("--out", default="", help="output folder (default: <output-dir>/<run-name>)")
     central.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    central.add_argument("--results-json", default="", help="also write the results JSON here (benchmarks)")
     central.set_defaults(func=cmd_train_central)
 
     rec = sub.add_parser(

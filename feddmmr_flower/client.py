@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
 
 import numpy as np
 import torch
@@ -19,9 +19,11 @@ import torch
 from .config import ExperimentConfig
 from .evaluation import evaluate, metrics_from_ranks
 from .experiment import build_model, first_memory, load_assets, memory_config, prototype_config, train_config
+from .local_training import loss_parts, model_scorer, train_epoch
 from .memory import LocalDynamicMemory
+from .prototypes import memory_prototypes
+from .run_record import CLIENT_TRAIN_SECONDS, FULL_PREFIX
 from .stages import apply_stage, load_arrays, trainable_state
-from .train import memory_prototypes, model_scorer, train_epoch
 
 
 @dataclass
@@ -146,9 +148,8 @@ class ClientRuntime:
         else:
             centroids = np.zeros((0, self.model.config.prototype_dim), np.float32)
             sizes = np.zeros(0, np.float32)
-        metrics = {k: float(v) for k, v in stats.items() if k not in ("sequences", "positions", "memory_writes")}
-        metrics.update({k.replace("_", "-"): float(v) for k, v in memory.stats().items()})
-        metrics["client-train-seconds"] = time.perf_counter() - started
+        metrics = {**loss_parts(stats), **memory.stats()}
+        metrics[CLIENT_TRAIN_SECONDS] = time.perf_counter() - started
         return TrainOutcome(
             trainable_state(self.model, stage),
             int(stats["positions"]),
@@ -186,7 +187,7 @@ class ClientRuntime:
             device=self.cfg.device,
         )
         metrics = dict(result.metrics("sampled"))
-        metrics.update({f"full-{k}": v for k, v in metrics_from_ranks(result.ranks["full"]).items()})
+        metrics.update({f"{FULL_PREFIX}{k}": v for k, v in metrics_from_ranks(result.ranks["full"]).items()})
         metrics["train-length"] = float(self.assets.data.train_lengths(np.array([user]))[0])
         return EvalOutcome(metrics, memory.state_arrays(0))
 
@@ -198,6 +199,4 @@ def _runtime(key: tuple) -> ClientRuntime:
 
 def runtime_for(cfg: ExperimentConfig) -> ClientRuntime:
     """The process-wide runtime of this configuration (built on the first message only)."""
-    from dataclasses import astuple, fields
-
     return _runtime(tuple(zip((f.name for f in fields(cfg)), astuple(cfg))))

@@ -1,9 +1,13 @@
-"""Every knob of an experiment, in one place.
+"""Every knob of an experiment, its default and its validation, in one place.
 
 ``ExperimentConfig`` is the single source of truth: the CLI builds its flags from it, the Flower
 apps read it from ``context.run_config`` (``[tool.flwr.app.config]`` in pyproject.toml mirrors it
-key for key, which a test checks), and results files record it. Keys are kebab-case in flat form
-(``lambda-c``), snake_case as attributes. Empty strings mean "not set" for optional paths.
+key for key and value for value, which a test checks), and results files record it. Keys are
+kebab-case in flat form (``lambda-c``), snake_case as attributes. Empty strings mean "not set" for
+optional paths. The defaults are the federated run's; ``CENTRAL_DEFAULTS`` names the centralized
+trainer's deliberate differences. ``validate`` is the one place a configuration is checked; the
+training, memory and prototype settings are derived from a validated config
+(``feddmmr_flower.experiment``), never built with defaults of their own.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ class ExperimentConfig:
     lambda_lb: float = 0.01
     surprise_alpha: float = 1.0
     temperature: float = 0.07
-    stage_schedule: str = "pretrain:200"
+    stage_schedule: str = "pretrain:120,align:5,finetune:25"
     # memory and prototypes
     memory_capacity: int = 50
     memory_topk: int = 20
@@ -65,18 +69,18 @@ class ExperimentConfig:
     max_writes: int = 10
     num_prototypes: int = 5
     min_cluster_size: int = 3
-    prototype_noise: float = 0.0
+    prototype_noise: float = 1.5  # N(0, noise^2) per released centroid coordinate (docs/privacy.md)
     prototype_ema: float = 0.5
     # federation (ignored by the centralized trainer)
     strategy: str = "fedadam"
     fraction_train: float = 0.1
     local_epochs: int = 1
-    client_lr: float = 0.05  # plain SGD on the client (see DESIGN §4 optimisation note)
+    client_lr: float = 0.05  # plain SGD on the client (travels as the instruction entry "client-lr")
     server_lr: float = 1e-2  # FedAdam/FedYogi/FedAdagrad eta, FedAvgM server learning rate
     server_tau: float = 1e-9  # FedAdam/FedYogi/FedAdagrad epsilon; Flower's 1e-3 swamps one-step client updates
     proximal_mu: float = 0.0  # FedProx
     min_available_nodes: int = 2
-    eval_users: int = 200  # fixed validation sample every eval-every rounds (0: all users)
+    eval_users: int = 150  # fixed validation sample every eval-every rounds (0: all users)
     resume_from: str = ""  # a run folder (or its last.pt): continue that run where it stopped
     init_from: str = ""  # a checkpoint (.pt) whose model weights start this run
     fault_nan_partition: int = -1  # testing only: this partition replies with NaN arrays
@@ -92,7 +96,7 @@ class ExperimentConfig:
     secagg_threshold: int = 2  # shares needed to unmask a dropped client (< num-shares)
     secagg_clipping_range: float = 1.0  # SecAgg+ clips each update coordinate to +-this before quantising
     # evaluation and bookkeeping
-    eval_every: int = 5
+    eval_every: int = 10
     # federated: test every user with the best model at the end (false: skip it, e.g. for 100k-user
     # scaling runs, where it means 100k evaluate messages)
     final_test: bool = True
@@ -105,96 +109,7 @@ class ExperimentConfig:
     run_name: str = ""
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"variant: unknown {self.variant!r}, choose one of {', '.join(VARIANTS)}")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy: unknown {self.strategy!r}, choose one of {', '.join(STRATEGIES)}")
-        if self.loss not in LOSSES:
-            raise ConfigError(f"loss: unknown {self.loss!r}, choose one of {', '.join(LOSSES)}")
-        positive = (
-            "min_seq_len",
-            "hidden",
-            "maxlen",
-            "blocks",
-            "heads",
-            "expert_heads",
-            "negatives",
-            "batch_size",
-            "memory_capacity",
-            "memory_topk",
-            "max_writes",
-            "num_prototypes",
-            "min_cluster_size",
-            "eval_every",
-            "eval_negatives",
-            "patience",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{kebab(name)} must be >= 1, got {getattr(self, name)}")
-        non_negative = ("top_users", "weight_decay", "lambda_c", "lambda_lb", "surprise_alpha", "prototype_noise")
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{kebab(name)} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "client_lr", "server_lr", "server_tau"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{kebab(name)} must be > 0, got {getattr(self, name)}")
-        if not 0 < self.fraction_train <= 1:
-            raise ConfigError(f"fraction-train must be in (0, 1], got {self.fraction_train}")
-        if self.local_epochs < 1:
-            raise ConfigError(f"local-epochs must be >= 1, got {self.local_epochs}")
-        if self.eval_users < 0 or self.proximal_mu < 0 or self.min_available_nodes < 1:
-            raise ConfigError("eval-users and proximal-mu must be >= 0, min-available-nodes >= 1")
-        if self.visual_features and not self.posters_dir and self.variant != "sasrec":
-            raise ConfigError(
-                "visual-features is on but posters-dir is empty: set posters-dir (a folder of "
-                "<item>.jpg posters) or visual-features=false"
-            )
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0 < self.prototype_ema <= 1:
-            raise ConfigError(f"prototype-ema must be in (0, 1], got {self.prototype_ema}")
-        if self.memory_topk > self.memory_capacity:
-            raise ConfigError(
-                f"memory-topk ({self.memory_topk}) cannot exceed memory-capacity ({self.memory_capacity})"
-            )
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        self._check_privacy()
-        from .stages import StageSchedule
-
-        StageSchedule.parse(self.stage_schedule)  # fail early on a bad schedule
-
-    def _check_privacy(self) -> None:
-        if self.dp_mode not in DP_MODES:
-            raise ConfigError(f"dp-mode: unknown {self.dp_mode!r}, choose one of {', '.join(DP_MODES)}")
-        for name in ("dp_clipping_norm", "dp_epsilon", "secagg_clipping_range"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{kebab(name)} must be > 0, got {getattr(self, name)}")
-        if self.dp_noise_multiplier < 0 or (self.dp_mode == "central-fixed" and not self.dp_noise_multiplier > 0):
-            raise ConfigError(
-                f"dp-noise-multiplier must be > 0 with dp-mode='central-fixed', got {self.dp_noise_multiplier}"
-            )
-        if not 0 < self.dp_delta < 1:
-            raise ConfigError(f"dp-delta must be in (0, 1), got {self.dp_delta}")
-        if not 3 <= self.secagg_num_shares or not 2 <= self.secagg_threshold < self.secagg_num_shares:
-            raise ConfigError(
-                f"secagg-num-shares must be >= 3 and 2 <= secagg-threshold < secagg-num-shares, "
-                f"got {self.secagg_num_shares} and {self.secagg_threshold}"
-            )
-        if self.secure_aggregation and self.dp_mode == "central-fixed":
-            raise ConfigError(
-                "secure-aggregation cannot be combined with dp-mode='central-fixed' (the server clips "
-                "and noises individual replies, which SecAgg+ hides); use dp-mode='local'"
-            )
-        if (self.secure_aggregation or self.dp_mode == "central-fixed") and self.strategy in (
-            "fedmedian",
-            "fedtrimmedavg",
-        ):
-            raise ConfigError(
-                f"strategy {self.strategy!r} needs every client's update; it cannot run with "
-                "secure-aggregation or dp-mode='central-fixed' (they release only a mean)"
-            )
+        validate(self)
 
     @classmethod
     def from_flat(cls, values: Mapping[str, Any], strict: bool = False) -> ExperimentConfig:
@@ -239,3 +154,113 @@ def coerce(key: str, value: Any, annotation: Any) -> Any:
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: expected {kind}, got {value!r}") from None
+
+
+#: The centralized trainer's deliberate differences from the federated defaults (``train-central``).
+CENTRAL_DEFAULTS: dict[str, Any] = {
+    "stage-schedule": "pretrain:200",  # epochs over every user, where a round trains 10% of them once
+    "prototype-noise": 0.0,  # nothing is released: the noise protects prototypes that leave a client
+    "eval-every": 5,  # an epoch is ~10 rounds of work: validate every 5 epochs
+}
+
+#: Settings that describe a node's own disk and hardware, not the experiment: a SuperNode's
+#: ``--node-config`` may set them (and wins over the run config, which is the same for every node).
+NODE_LOCAL_KEYS = ("data-dir", "cache-dir", "items-file", "descriptions", "posters-dir", "movies-dat", "device")
+
+
+def central_config(values: Mapping[str, Any]) -> ExperimentConfig:
+    """The configuration of a centralized run: ``values`` over ``CENTRAL_DEFAULTS`` over the defaults."""
+    return ExperimentConfig.from_flat({**CENTRAL_DEFAULTS, **values}, strict=True)
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Every check of a configuration (``ConfigError`` naming the key), run on every construction."""
+    if cfg.variant not in VARIANTS:
+        raise ConfigError(f"variant: unknown {cfg.variant!r}, choose one of {', '.join(VARIANTS)}")
+    if cfg.strategy not in STRATEGIES:
+        raise ConfigError(f"strategy: unknown {cfg.strategy!r}, choose one of {', '.join(STRATEGIES)}")
+    if cfg.loss not in LOSSES:
+        raise ConfigError(f"loss: unknown {cfg.loss!r}, choose one of {', '.join(LOSSES)}")
+    positive = (
+        "min_seq_len",
+        "hidden",
+        "maxlen",
+        "blocks",
+        "heads",
+        "expert_heads",
+        "negatives",
+        "batch_size",
+        "memory_capacity",
+        "memory_topk",
+        "max_writes",
+        "num_prototypes",
+        "min_cluster_size",
+        "eval_every",
+        "eval_negatives",
+        "patience",
+    )
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{kebab(name)} must be >= 1, got {getattr(cfg, name)}")
+    non_negative = ("top_users", "weight_decay", "lambda_c", "lambda_lb", "surprise_alpha", "prototype_noise")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{kebab(name)} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("lr", "client_lr", "server_lr", "server_tau"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"{kebab(name)} must be > 0, got {getattr(cfg, name)}")
+    if not 0 < cfg.fraction_train <= 1:
+        raise ConfigError(f"fraction-train must be in (0, 1], got {cfg.fraction_train}")
+    if cfg.local_epochs < 1:
+        raise ConfigError(f"local-epochs must be >= 1, got {cfg.local_epochs}")
+    if cfg.eval_users < 0 or cfg.proximal_mu < 0 or cfg.min_available_nodes < 1:
+        raise ConfigError("eval-users and proximal-mu must be >= 0, min-available-nodes >= 1")
+    if cfg.visual_features and not cfg.posters_dir and cfg.variant != "sasrec":
+        raise ConfigError(
+            "visual-features is on but posters-dir is empty: set posters-dir (a folder of "
+            "<item>.jpg posters) or visual-features=false"
+        )
+    if not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if not 0 < cfg.prototype_ema <= 1:
+        raise ConfigError(f"prototype-ema must be in (0, 1], got {cfg.prototype_ema}")
+    if cfg.memory_topk > cfg.memory_capacity:
+        raise ConfigError(f"memory-topk ({cfg.memory_topk}) cannot exceed memory-capacity ({cfg.memory_capacity})")
+    if cfg.temperature <= 0:
+        raise ConfigError(f"temperature must be > 0, got {cfg.temperature}")
+    _check_privacy(cfg)
+    from .stages import StageSchedule
+
+    StageSchedule.parse(cfg.stage_schedule)  # fail early on a bad schedule
+
+
+def _check_privacy(cfg: ExperimentConfig) -> None:
+    if cfg.dp_mode not in DP_MODES:
+        raise ConfigError(f"dp-mode: unknown {cfg.dp_mode!r}, choose one of {', '.join(DP_MODES)}")
+    for name in ("dp_clipping_norm", "dp_epsilon", "secagg_clipping_range"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"{kebab(name)} must be > 0, got {getattr(cfg, name)}")
+    if cfg.dp_noise_multiplier < 0 or (cfg.dp_mode == "central-fixed" and not cfg.dp_noise_multiplier > 0):
+        raise ConfigError(
+            f"dp-noise-multiplier must be > 0 with dp-mode='central-fixed', got {cfg.dp_noise_multiplier}"
+        )
+    if not 0 < cfg.dp_delta < 1:
+        raise ConfigError(f"dp-delta must be in (0, 1), got {cfg.dp_delta}")
+    if not 3 <= cfg.secagg_num_shares or not 2 <= cfg.secagg_threshold < cfg.secagg_num_shares:
+        raise ConfigError(
+            f"secagg-num-shares must be >= 3 and 2 <= secagg-threshold < secagg-num-shares, "
+            f"got {cfg.secagg_num_shares} and {cfg.secagg_threshold}"
+        )
+    if cfg.secure_aggregation and cfg.dp_mode == "central-fixed":
+        raise ConfigError(
+            "secure-aggregation cannot be combined with dp-mode='central-fixed' (the server clips "
+            "and noises individual replies, which SecAgg+ hides); use dp-mode='local'"
+        )
+    if (cfg.secure_aggregation or cfg.dp_mode == "central-fixed") and cfg.strategy in (
+        "fedmedian",
+        "fedtrimmedavg",
+    ):
+        raise ConfigError(
+            f"strategy {cfg.strategy!r} needs every client's update; it cannot run with "
+            "secure-aggregation or dp-mode='central-fixed' (they release only a mean)"
+        )

@@ -1,4 +1,5 @@
-"""From an ``ExperimentConfig`` to data, feature tables, a model and training configs.
+"""From an ``ExperimentConfig`` to data, feature tables, a model and the training, memory and
+prototype settings (derived here, never built with defaults of their own).
 
 The CLI, the centralized trainer and both Flower apps build everything through these
 functions, so a run means the same thing wherever it runs. ``load_assets`` caches per
@@ -10,19 +11,20 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import checkpoint
 from .config import ExperimentConfig
 from .data import PrepareOptions, SequenceData, prepare_dataset
 from .errors import ConfigError
+from .local_training import TrainConfig, refresh_memory
 from .memory import LocalDynamicMemory, MemoryConfig
 from .models.feddmmr import FedDMMR, FedDMMRConfig
 from .prototypes import PrototypeConfig
-from .train import TrainConfig, refresh_memory
 
 
 @dataclass
@@ -172,13 +174,7 @@ def load_weights(model: FedDMMR, path: str | Path) -> list[str]:
     Tensors the checkpoint lacks keep their fresh initialisation; a shape mismatch is an error.
     Returns the names that were not in the checkpoint.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"init-from: checkpoint {path} not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-    except Exception as exc:  # a truncated or foreign file
-        raise ConfigError(f"init-from: {path} is not a FedDMMR checkpoint ({exc})") from None
+    state = checkpoint.load(path, "init-from").state_dict
     own = model.state_dict()
     wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if wrong:
@@ -190,38 +186,41 @@ def load_weights(model: FedDMMR, path: str | Path) -> list[str]:
     return list(result.missing_keys)
 
 
-def train_config(cfg: ExperimentConfig, lr: float | None = None) -> TrainConfig:
-    return TrainConfig(
+def train_config(cfg: ExperimentConfig | None = None, **changes) -> TrainConfig:
+    """The loss of one local step (client and central): ``cfg``'s (default: the default experiment's),
+    with ``changes`` to individual fields (tests, benchmarks)."""
+    cfg = cfg or ExperimentConfig()
+    derived = TrainConfig(
         batch_size=cfg.batch_size,
-        lr=lr or cfg.lr,
-        weight_decay=cfg.weight_decay,
         loss=cfg.loss,
         num_negatives=cfg.negatives,
         lambda_c=cfg.lambda_c,
         lambda_lb=cfg.lambda_lb,
         surprise_alpha=cfg.surprise_alpha,
         temperature=cfg.temperature,
-        eval_every=cfg.eval_every,
-        patience=cfg.patience,
-        eval_negatives=cfg.eval_negatives,
-        eval_seed=cfg.eval_seed,
-        seed=cfg.seed,
     )
+    return replace(derived, **changes)
 
 
-def memory_config(cfg: ExperimentConfig) -> MemoryConfig:
-    return MemoryConfig(
+def memory_config(cfg: ExperimentConfig | None = None, **changes) -> MemoryConfig:
+    """The LocalDynamicMemory settings of ``cfg`` (default: the default experiment's), with ``changes``."""
+    cfg = cfg or ExperimentConfig()
+    derived = MemoryConfig(
         capacity=cfg.memory_capacity,
         topk=cfg.memory_topk,
         surprise_threshold=cfg.surprise_threshold,
         max_writes=cfg.max_writes,
     )
+    return replace(derived, **changes)
 
 
-def prototype_config(cfg: ExperimentConfig) -> PrototypeConfig:
-    return PrototypeConfig(
+def prototype_config(cfg: ExperimentConfig | None = None, **changes) -> PrototypeConfig:
+    """The client prototype settings of ``cfg`` (default: the default experiment's), with ``changes``."""
+    cfg = cfg or ExperimentConfig()
+    derived = PrototypeConfig(
         num_prototypes=cfg.num_prototypes,
         min_cluster_size=cfg.min_cluster_size,
         noise_std=cfg.prototype_noise,
         seed=cfg.seed,
     )
+    return replace(derived, **changes)

@@ -12,7 +12,7 @@ Embeddings and features are looked up by item id when needed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -22,30 +22,25 @@ _COUNTERS = ("writes", "rewrites", "evictions", "passes")
 NEVER = torch.iinfo(torch.int64).max  # position of an empty slot: never visible
 
 
-@dataclass
+@dataclass(frozen=True)
 class MemoryConfig:
-    capacity: int = 50
-    topk: int = 20  # slots retrieved for the experts (by utility)
-    surprise_threshold: float = 1.0  # surprise = loss / the user's mean loss in that pass
-    max_writes: int = 10  # at most this many (most surprising) writes per pass
+    """The first four come from the experiment (``feddmmr_flower.experiment.memory_config``, validated
+    there); the utility weights are fixed by the design."""
+
+    capacity: int
+    topk: int  # slots retrieved for the experts (by utility)
+    surprise_threshold: float  # surprise = loss / the user's mean loss in that pass
+    max_writes: int  # at most this many (most surprising) writes per pass
     alpha: float = 0.6  # utility weight of recency
     beta: float = 0.4  # utility weight of frequency
     recency_decay: float = 0.9  # recency = decay ** (steps since last write)
-
-    def __post_init__(self) -> None:
-        if self.capacity < 1 or self.topk < 1 or self.max_writes < 1:
-            raise ValueError("memory capacity, topk and max_writes must be >= 1")
-        if self.topk > self.capacity:
-            raise ValueError(f"memory topk ({self.topk}) cannot exceed capacity ({self.capacity})")
-        if not 0 < self.recency_decay <= 1:
-            raise ValueError(f"recency_decay must be in (0, 1], got {self.recency_decay}")
 
 
 class LocalDynamicMemory:
     """Memories of ``num_users`` users; every method takes the rows (users) it acts on."""
 
-    def __init__(self, num_users: int, config: MemoryConfig | None = None) -> None:
-        self.config = config or MemoryConfig()
+    def __init__(self, num_users: int, config: MemoryConfig) -> None:
+        self.config = config
         shape = (num_users, self.config.capacity)
         self.item = torch.zeros(shape, dtype=torch.int64)  # 0 = empty slot
         self.position = torch.full(shape, NEVER, dtype=torch.int64)
@@ -161,11 +156,13 @@ class LocalDynamicMemory:
         return self.item[row][valid].numpy(), utility[valid].numpy()
 
     def stats(self, rows: torch.Tensor | None = None) -> dict[str, float]:
+        """Per-user means over ``rows`` (all users by default): entries held, and the cumulative
+        writes, re-writes, evictions and passes (the metric names of a run's history)."""
         rows = torch.arange(len(self.step)) if rows is None else torch.as_tensor(rows)
-        counters = self.counters[rows].sum(0)
+        counters = self.counters[rows].double().mean(0)
         return {
-            "memory_size": float((self.item[rows] > 0).sum(1).float().mean()),
-            **{f"memory_{name}": int(counters[i]) for i, name in enumerate(_COUNTERS)},
+            "memory-size": float((self.item[rows] > 0).sum(1).float().mean()),
+            **{f"memory-{name}": float(counters[i]) for i, name in enumerate(_COUNTERS)},
         }
 
     # ------------------------------------------------------------- persistence
@@ -195,10 +192,19 @@ class LocalDynamicMemory:
             getattr(self, key)[row] = value
 
     @classmethod
-    def single(
-        cls, config: MemoryConfig | None = None, arrays: dict[str, np.ndarray] | None = None
-    ) -> LocalDynamicMemory:
+    def single(cls, config: MemoryConfig, arrays: dict[str, np.ndarray] | None = None) -> LocalDynamicMemory:
         memory = cls(1, config)
         if arrays:
             memory.load_state(arrays)
+        return memory
+
+    def state_dict(self) -> dict:
+        """Every user's memory and the config (what a central checkpoint saves)."""
+        return {"config": asdict(self.config), **{key: getattr(self, key).clone() for key in STATE_KEYS}}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> LocalDynamicMemory:
+        memory = cls(len(state["step"]), MemoryConfig(**state["config"]))
+        for key in STATE_KEYS:
+            setattr(memory, key, state[key].clone())
         return memory

@@ -94,7 +94,7 @@ def match_to_prototypes(centroids: np.ndarray, prototypes: np.ndarray, metric: M
     raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
 
 
-def weighted_kmeans(points: np.ndarray, weights: np.ndarray, num_clusters: int, seed: int = 0) -> np.ndarray:
+def kmeans_centres(points: np.ndarray, weights: np.ndarray, num_clusters: int, seed: int = 0) -> np.ndarray:
     """Weighted K-Means centres float64 [min(num_clusters, #distinct points), P].
 
     Rows are sorted first, so the result does not depend on the order in which
@@ -162,7 +162,7 @@ def aggregate_prototypes(
     x, w = np.concatenate(points), np.concatenate(weights)
 
     if g is None:
-        centres = weighted_kmeans(x, w, num_prototypes, seed)
+        centres = kmeans_centres(x, w, num_prototypes, seed)
         if centres.shape[0] == 0:  # every size was 0
             return PrototypeAggregation(None, np.zeros(0), rejected)
         slot_weights = np.bincount(match_to_prototypes(x, centres, "euclidean"), weights=w, minlength=len(centres))

@@ -1,32 +1,35 @@
-"""Client-side memory prototypes (DESIGN §3): what a client may reveal about its memory.
+"""Memory prototypes: what a client may reveal about its memory.
 
-Utility-weighted K-Means (greedy k-means++ seeding, then Lloyd; fixed seed) over the memory entries' [ID | text | image]
-vectors; a centroid is released only when its cluster has at least ``min_cluster_size``
-members, optionally with Gaussian noise. Entries themselves never leave the client.
+Utility-weighted K-Means (greedy k-means++ seeding, then Lloyd; fixed seed) over the memory
+entries' [ID | text | image] vectors; a centroid is released only when its cluster has at least
+``min_cluster_size`` members, optionally with Gaussian noise. Entries themselves never leave the
+client. ``central_prototypes`` is the centralized trainer's stand-in for the server's aggregation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from .memory import LocalDynamicMemory
+    from .models.feddmmr import FedDMMR
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrototypeConfig:
-    num_prototypes: int = 5
-    min_cluster_size: int = 3
-    noise_std: float = 0.0
-    seed: int = 0
+    """Built from a validated ``ExperimentConfig`` (``experiment.prototype_config``)."""
 
-    def __post_init__(self) -> None:
-        if self.num_prototypes < 1 or self.min_cluster_size < 1:
-            raise ValueError("num_prototypes and min_cluster_size must be >= 1")
-        if self.noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
+    num_prototypes: int
+    min_cluster_size: int
+    noise_std: float
+    seed: int
 
 
-def weighted_kmeans(
+def kmeans_with_labels(
     vectors: np.ndarray, weights: np.ndarray, clusters: int, seed: int, max_iter: int = 100
 ) -> tuple[np.ndarray, np.ndarray]:
     """Lloyd's algorithm after a seeded greedy k-means++ initialisation: (centres, labels).
@@ -84,7 +87,7 @@ def local_prototypes(
     weights = np.clip(np.nan_to_num(np.asarray(weights, dtype=np.float64)), 1e-6, None)
     distinct = len({row.tobytes() for row in vectors})  # np.unique(axis=0) costs ~5 ms on 960 columns
     clusters = min(config.num_prototypes, distinct)
-    centroids, labels = weighted_kmeans(vectors, weights, clusters, config.seed)
+    centroids, labels = kmeans_with_labels(vectors, weights, clusters, config.seed)
     sizes = np.bincount(labels, minlength=clusters)
     keep = sizes >= config.min_cluster_size
     centroids = centroids[keep]
@@ -93,3 +96,32 @@ def local_prototypes(
         rng = rng or np.random.default_rng()
         centroids = centroids + rng.normal(0.0, config.noise_std, centroids.shape)
     return centroids.astype(np.float32), sizes[keep].astype(np.float32)
+
+
+def prototype_vectors(model: FedDMMR, items: torch.Tensor) -> torch.Tensor:
+    """[ID | text | image] vectors of items (the space prototypes live in)."""
+    with torch.no_grad():
+        return torch.cat([model.item_emb(items), model.txt_feat[items], model.vis_feat[items]], -1)
+
+
+def memory_prototypes(
+    model: FedDMMR, memory: LocalDynamicMemory, row: int, config: PrototypeConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """A client's releasable prototypes: K-Means over its memory entries, utility-weighted."""
+    items, utility = memory.entries(row)
+    if len(items) == 0:
+        return np.zeros((0, model.config.prototype_dim), np.float32), np.zeros(0, np.float32)
+    vectors = prototype_vectors(model, torch.as_tensor(items, device=model.vis_feat.device)).cpu().numpy()
+    return local_prototypes(vectors, utility, config)
+
+
+def central_prototypes(model: FedDMMR, memory: LocalDynamicMemory, config: PrototypeConfig) -> torch.Tensor | None:
+    """Centralized stand-in for the server's aggregation: one weighted K-Means over all entries."""
+    valid = memory.item > 0
+    if not valid.any():
+        return None
+    items = memory.item[valid]
+    utility = memory.utility(torch.arange(len(memory.step)))[valid]
+    vectors = prototype_vectors(model, items.to(model.vis_feat.device)).cpu().numpy()
+    centroids, _ = local_prototypes(vectors, utility.numpy(), config)
+    return torch.as_tensor(centroids, device=model.vis_feat.device) if len(centroids) else None

@@ -1,7 +1,7 @@
 """Recommendations from a saved model: ``feddmmr recommend`` (issue #8).
 
-A run folder (federated: ``best.pt``, ``checkpoint-<stage>.pt``, ``last.pt``; ``train-central``:
-``best.pt`` + ``results.json``) knows which dataset and feature tables it was trained on; this
+A run folder's checkpoint (federated: ``best.pt``, ``checkpoint-<stage>.pt``, ``last.pt``;
+``train-central``: ``best.pt``) knows which dataset and feature tables it was trained on; this
 module reloads them, scores every item for one user with the same scorer as the evaluation
 protocol and explains the top items (router weights, the memory items each expert read).
 
@@ -16,7 +16,6 @@ user's node. People know the raw id (ML-100K ``u.data`` column 1), so that is wh
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +24,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint import Checkpoint
+from .checkpoint import load as load_checkpoint
 from .config import ExperimentConfig
 from .data.sequences import SequenceData
 from .errors import ConfigError, FedDMMRError, MissingDataError
 from .experiment import first_memory, install_features, load_assets
-from .memory import LocalDynamicMemory, MemoryConfig
+from .local_training import memory_slots
+from .memory import LocalDynamicMemory
 from .models.feddmmr import EXPERT_NAMES, FedDMMR, FedDMMRConfig
-from .train import memory_slots
 
 NAMED_CHECKPOINTS = ("best", "last")
 
@@ -48,24 +49,18 @@ class SavedRun:
     """A checkpoint and the experiment configuration it was trained with."""
 
     folder: Path
-    checkpoint: Path
-    payload: dict
+    path: Path
+    checkpoint: Checkpoint
     cfg: ExperimentConfig
-    kind: str  # "federated" or "central"
-    results: dict  # central results.json ({} for federated runs)
 
     def describe(self) -> str:
         """One line: which weights these are (round/epoch, stage, validation score when known)."""
-        parts = [f"{self.checkpoint.name} ({self.kind}"]
-        if "round" in self.payload:
-            parts.append(f", round {self.payload['round']}")
-        if "epoch" in self.payload:
-            parts.append(f", epoch {self.payload['epoch']}")
-            if self.results.get("best_stage"):
-                parts.append(f" [{self.results['best_stage']}]")
-        valid = self.payload.get("valid") or (self.results.get("best_valid") if "epoch" in self.payload else None)
-        if valid and "NDCG@10" in valid:
-            parts.append(f", validation NDCG@10 {valid['NDCG@10']:.4f}")
+        saved = self.checkpoint
+        parts = [f"{self.path.name} ({saved.kind}, {saved.unit} {saved.round}"]
+        if saved.stage:
+            parts.append(f" [{saved.stage}]")
+        if saved.valid and "NDCG@10" in saved.valid:
+            parts.append(f", validation NDCG@10 {saved.valid['NDCG@10']:.4f}")
         return "".join(parts) + ")"
 
 
@@ -89,41 +84,15 @@ def checkpoint_path(run: Path | None, which: str) -> Path:
     return path
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def load_run(run: str | Path | None, checkpoint: str = "best", overrides: dict[str, Any] | None = None) -> SavedRun:
+def load_run(run: str | Path | None, which: str = "best", overrides: dict[str, Any] | None = None) -> SavedRun:
     """Open a run folder's checkpoint and rebuild its ``ExperimentConfig`` (``overrides``: flat keys,
     e.g. ``{"data-dir": ...}`` when the run was made on another machine)."""
     folder = Path(run).expanduser() if run else None
-    path = checkpoint_path(folder, checkpoint)
-    folder = folder or path.parent
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated or foreign file
-        raise ConfigError(f"{path} is not a FedDMMR checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(payload, dict) or "state_dict" not in payload or "model_config" not in payload:
-        raise ConfigError(f"{path} is not a FedDMMR checkpoint (no model_config/state_dict)")
-    results = _read_json(folder / "results.json")
-    experiment = (
-        payload.get("experiment")
-        or _read_json(folder / "config.json").get("experiment")
-        or results.get("config", {}).get("experiment")
-    )
-    if not experiment:
-        raise MissingDataError(
-            f"{path}: no experiment configuration in the checkpoint, {folder}/config.json "
-            f"or {folder}/results.json; cannot tell which dataset it was trained on"
-        )
-    flat = {**experiment, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    flat["variant"] = payload["model_config"].get("variant", flat.get("variant"))
-    cfg = ExperimentConfig.from_flat(flat)
-    kind = "central" if results or "epoch" in payload else "federated"
-    return SavedRun(folder, path, payload, cfg, kind, results)
+    path = checkpoint_path(folder, which)
+    saved = load_checkpoint(path, "recommend")
+    flat = {**saved.experiment, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    flat["variant"] = saved.model_config.get("variant", flat.get("variant"))
+    return SavedRun(folder or path.parent, path, saved, ExperimentConfig.from_flat(flat))
 
 
 def user_index(data: SequenceData, raw_id: str) -> int:
@@ -146,20 +115,20 @@ class Recommender:
         cfg = run.cfg
         self.assets = load_assets(cfg)
         self.data = self.assets.data
-        model_cfg = FedDMMRConfig(**run.payload["model_config"])
+        model_cfg = FedDMMRConfig(**run.checkpoint.model_config)
         if model_cfg.num_items != self.data.num_items:
             raise ConfigError(
-                f"dataset mismatch: {run.checkpoint} was trained on {model_cfg.num_items} items, the "
+                f"dataset mismatch: {run.path} was trained on {model_cfg.num_items} items, the "
                 f"dataset prepared from {cfg.data_dir} has {self.data.num_items} (--data-dir?)"
             )
         self.model = FedDMMR(model_cfg)
         install_features(self.model, self.assets)
         try:
-            self.model.load_state_dict(run.payload["state_dict"])
+            self.model.load_state_dict(run.checkpoint.state_dict)
         except RuntimeError as exc:
-            raise ConfigError(f"{run.checkpoint} does not fit its model config: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"{run.path} does not fit its model config: {str(exc).splitlines()[0]}") from None
         self.model.to(cfg.device).eval()
-        protos = run.payload.get("prototypes")
+        protos = run.checkpoint.prototypes
         self.prototypes = (
             None
             if protos is None or len(protos) == 0 or not model_cfg.uses_prototypes
@@ -171,12 +140,9 @@ class Recommender:
         """(memory, its row for this user, where it came from)."""
         if not self.model.config.uses_experts:
             return None, 0, "none (variant sasrec has no experts)"
-        saved = self.run.payload.get("memory")
-        if saved and len(saved["item"]) == self.data.num_users:
-            memory = LocalDynamicMemory(self.data.num_users, MemoryConfig(**saved["config"]))
-            for key in ("item", "position", "freq", "last_write", "surprise", "step", "counters"):
-                setattr(memory, key, saved[key].clone())
-            return memory, user, "saved with the checkpoint (central training keeps every user's memory)"
+        saved = self.run.checkpoint.memory_bank()
+        if saved is not None and len(saved.step) == self.data.num_users:
+            return saved, user, "saved with the checkpoint (central training keeps every user's memory)"
         memory = first_memory(self.model, self.data, user, self.run.cfg)
         return (
             memory,
@@ -221,7 +187,7 @@ class Recommender:
         ]
         result = {
             "run": str(self.run.folder),
-            "checkpoint": str(self.run.checkpoint),
+            "checkpoint": str(self.run.path),
             "weights": self.run.describe(),
             "dataset": {
                 "name": self.run.cfg.dataset,

@@ -1,9 +1,8 @@
 """``feddmmr report``: a run folder (or several) as a markdown page and PNG plots (issue #8).
 
-Reads only what runs write: federated ``config.json``, ``history.json``, ``summary.json``;
-``train-central`` ``results.json``. Central epochs are converted to the federated record shape
-(``train`` {loss parts, memory statistics per user}, ``valid``), so ``plots.py`` draws both kinds
-with the same code and comparisons put them on the same axes (x = round or epoch).
+Reads only what runs write: ``config.json``, ``history.json``, ``summary.json``, in the one shape
+federated and ``train-central`` runs share (``run_record.py``), so ``plots.py`` draws both kinds with
+the same code and comparisons put them on the same axes (x = round or epoch).
 """
 
 from __future__ import annotations
@@ -63,7 +62,7 @@ class RunRecord:
     experiment: dict
     history: list[dict]
     test: dict = field(default_factory=dict)  # {"sampled": {...}, "full": {...}}
-    meta: dict = field(default_factory=dict)  # summary.json / results.json without its history
+    meta: dict = field(default_factory=dict)  # config.json (without the experiment) and summary.json
     files: list[str] = field(default_factory=list)
 
     @property
@@ -78,66 +77,27 @@ def _json(path: Path) -> dict:
         raise DataFormatError(path, f"not valid JSON ({exc.msg})", exc.lineno) from None
 
 
-def central_history(results: dict) -> list[dict]:
-    """``train-central`` epochs as federated-style records (memory counters per user)."""
-    users = max(int(results.get("config", {}).get("data", {}).get("num_users", 1)), 1)
-    records = []
-    for rec in results.get("history", []):
-        train = {k: rec[k] for k in ("loss", "rec", "align", "balance", "w_visual") if k in rec}
-        memory = rec.get("memory") or {}
-        if memory:
-            train["memory-size"] = memory.get("memory_size")
-            for name in ("writes", "rewrites", "evictions", "passes"):
-                if f"memory_{name}" in memory:
-                    train[f"memory-{name}"] = memory[f"memory_{name}"] / users
-        records.append(
-            {
-                "round": rec["epoch"],
-                "epoch": rec["epoch"],
-                "stage": rec.get("stage"),
-                "seconds": rec.get("seconds"),
-                "train": train,
-                "valid": rec.get("valid") or {},
-            }
-        )
-    return records
-
-
 def load_run_record(folder: str | Path, label: str | None = None) -> RunRecord:
-    """A federated run folder (history.json) or a ``train-central`` output folder (results.json)."""
+    """A run folder (federated or ``train-central``: config.json, history.json, summary.json)."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise MissingDataError(f"run folder {folder} not found")
+    if not (folder / "history.json").is_file():
+        raise MissingDataError(f"{folder} holds no history.json: not a run folder (federated or train-central)")
     label = label or folder.name
-    if (folder / "history.json").is_file():
-        config = _json(folder / "config.json") if (folder / "config.json").is_file() else {}
-        summary = _json(folder / "summary.json") if (folder / "summary.json").is_file() else {}
-        files = [name for name in ("config.json", "history.json", "summary.json") if (folder / name).is_file()]
-        return RunRecord(
-            label,
-            folder,
-            "federated",
-            config.get("experiment", {}),
-            _json(folder / "history.json").get("rounds", []),
-            summary.get("test", {}),
-            {**{k: v for k, v in config.items() if k != "experiment"}, **summary},
-            files,
-        )
-    if (folder / "results.json").is_file():
-        results = _json(folder / "results.json")
-        meta = {k: v for k, v in results.items() if k != "history"}
-        return RunRecord(
-            label,
-            folder,
-            "central",
-            results.get("config", {}).get("experiment", {}),
-            central_history(results),
-            results.get("test", {}),
-            meta,
-            ["results.json"],
-        )
-    raise MissingDataError(
-        f"{folder} holds neither history.json (a federated run) nor results.json (a train-central run)"
+    config = _json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    summary = _json(folder / "summary.json") if (folder / "summary.json").is_file() else {}
+    history = _json(folder / "history.json")
+    files = [name for name in ("config.json", "history.json", "summary.json") if (folder / name).is_file()]
+    return RunRecord(
+        label,
+        folder,
+        history.get("kind") or config.get("kind") or "federated",
+        config.get("experiment", {}),
+        history.get("rounds", []),
+        {k: v for k, v in summary.get("test", {}).items() if k != "num_users"},
+        {**{k: v for k, v in config.items() if k != "experiment"}, **summary},
+        files,
     )
 
 
@@ -197,12 +157,9 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _selected(run: RunRecord) -> str:
-    if run.kind == "central":
-        return f"epoch {run.meta.get('best_epoch')} ({run.meta.get('best_stage')})"
     if run.meta.get("best_round") is None:
         return "—"
-    stage = next((r["stage"] for r in run.history if r["round"] == run.meta["best_round"]), "")
-    return f"round {run.meta['best_round']} ({stage})"
+    return f"{run.x} {run.meta['best_round']} ({run.meta.get('best_stage') or ''})"
 
 
 def _config_value(run: RunRecord, key: str):
@@ -259,7 +216,7 @@ def render_markdown(runs: list[RunRecord], images: dict[str, Path]) -> str:
         ["rounds / epochs run", *[f"{len(r.history)} {r.x}s" for r in runs]],
         [
             "users",
-            *[_plain(r.meta.get("nodes") or r.meta.get("config", {}).get("data", {}).get("num_users")) for r in runs],
+            *[_plain(r.meta.get("nodes") or r.meta.get("data", {}).get("num_users")) for r in runs],
         ],
     ]
     keys = list(CONFIG_KEYS)

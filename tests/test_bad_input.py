@@ -204,7 +204,7 @@ def test_bad_input_fails_cleanly(
         assert word in errors[0], errors[0]
     assert captured.out == ""  # no half result on stdout
     assert not _debris(setup.cache, setup.out), _debris(setup.cache, setup.out)
-    assert not list((setup.out).rglob("*.pt")) and not list(setup.out.rglob("results.json"))
+    assert not list((setup.out).rglob("*.pt")) and not list(setup.out.rglob("summary.json"))
 
 
 def test_console_script_exit_code_and_one_line(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from feddmmr_flower.cli import main
-from feddmmr_flower.config import STRATEGIES, ExperimentConfig, kebab
+from feddmmr_flower.config import CENTRAL_DEFAULTS, STRATEGIES, ExperimentConfig, central_config, kebab
 from feddmmr_flower.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,11 +23,24 @@ def pyproject() -> dict:
 
 
 def test_run_config_mirrors_experiment_config():
-    """Every knob exists once: pyproject's [tool.flwr.app.config] has exactly the dataclass's keys."""
+    """Every knob exists once: pyproject's [tool.flwr.app.config] has exactly the dataclass's keys,
+    and every default equals the dataclass's, value by value and type by type."""
     run_config = pyproject()["tool"]["flwr"]["app"]["config"]
     assert set(run_config) == {kebab(f.name) for f in fields(ExperimentConfig)}
-    cfg = ExperimentConfig.from_flat(run_config, strict=True)  # and the shipped values are valid
-    assert cfg.dataset == "ml-100k"
+    defaults = ExperimentConfig().flat()
+    different = {
+        k: (v, defaults[k]) for k, v in run_config.items() if v != defaults[k] or type(v) is not type(defaults[k])
+    }
+    assert not different, f"pyproject value vs ExperimentConfig default: {different}"
+    assert ExperimentConfig.from_flat(run_config, strict=True) == ExperimentConfig()  # the shipped values are valid
+
+
+def test_the_central_trainer_differs_from_the_federated_defaults_only_where_named():
+    """CENTRAL_DEFAULTS is the one list of train-central's deliberate differences, each a real one."""
+    assert CENTRAL_DEFAULTS == {"stage-schedule": "pretrain:200", "prototype-noise": 0.0, "eval-every": 5}
+    federated, central = ExperimentConfig().flat(), central_config({}).flat()
+    assert {k: v for k, v in central.items() if federated[k] != v} == CENTRAL_DEFAULTS
+    assert central_config({"eval-every": 2}).eval_every == 2  # a given value wins
 
 
 def test_federations_and_components():
@@ -121,7 +134,6 @@ def test_cli_errors_are_one_line_and_exit_2(args, fragment, tmp_path):
 
 
 def test_train_central_writes_results(small_ml100k, tmp_path, capsys):
-    results = tmp_path / "bench.json"
     assert (
         main(
             [
@@ -148,17 +160,19 @@ def test_train_central_writes_results(small_ml100k, tmp_path, capsys):
                 "1",
                 "--output-dir",
                 str(tmp_path / "out"),
-                "--results-json",
-                str(results),
             ]
         )
         == 0
     )
-    payload = json.loads(results.read_text())
-    assert payload["command"] and payload["machine"]["torch"]
-    assert [h["epoch"] for h in payload["history"]] == [1, 2]
-    assert set(payload["test"]) == {"sampled", "full"}
-    assert (tmp_path / "out" / "central-ml-100k-sasrec" / "best.pt").is_file()
+    printed = json.loads(capsys.readouterr().out)
+    out = tmp_path / "out" / "central-ml-100k-sasrec"
+    assert printed["out"] == str(out) and set(printed["test"]) == {"sampled", "full"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["command"] and summary["machine"]["torch"] and summary["kind"] == "central"
+    assert [h["round"] for h in json.loads((out / "history.json").read_text())["rounds"]] == [1, 2]
+    config = json.loads((out / "config.json").read_text())
+    assert config["experiment"]["prototype-noise"] == 0.0 and config["data"]["num_users"] == 20  # CENTRAL_DEFAULTS
+    assert (out / "best.pt").is_file()
 
 
 def test_train_central_epochs_and_out_shorthands(small_ml100k, tmp_path, capsys):
@@ -191,7 +205,7 @@ def test_train_central_epochs_and_out_shorthands(small_ml100k, tmp_path, capsys)
         )
         == 0
     )
-    results = json.loads((out / "results.json").read_text())
-    assert results["config"]["schedule"] == "pretrain:1" and len(results["history"]) == 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["schedule"] == "pretrain:1" and len(json.loads((out / "history.json").read_text())["rounds"]) == 1
     assert main(["train-central", "--epochs", "1", "--stage-schedule", "pretrain:1"]) == 2
     assert "not both" in capsys.readouterr().err

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
+from feddmmr_flower import checkpoint
 from feddmmr_flower.config import ExperimentConfig
 from feddmmr_flower.experiment import load_assets
 
@@ -148,7 +148,7 @@ def _outputs(root: Path, name: str) -> dict:
     return {
         "history": json.loads((out / "history.json").read_text())["rounds"],
         "summary": json.loads((out / "summary.json").read_text()),
-        "best": torch.load(out / "best.pt", map_location="cpu", weights_only=False),
+        "best": checkpoint.load(out / "best.pt"),
     }
 
 
@@ -172,8 +172,8 @@ def test_deployment_gives_the_same_outputs_as_the_simulation(story):
     for protocol in ("sampled", "full"):
         for metric, value in sim["summary"]["test"][protocol].items():
             assert dep["summary"]["test"][protocol][metric] == pytest.approx(value, abs=1e-6), (protocol, metric)
-    for name, tensor in sim["best"]["state_dict"].items():
-        np.testing.assert_allclose(dep["best"]["state_dict"][name].numpy(), tensor.numpy(), atol=1e-5, err_msg=name)
+    for name, tensor in sim["best"].state_dict.items():
+        np.testing.assert_allclose(dep["best"].state_dict[name].numpy(), tensor.numpy(), atol=1e-5, err_msg=name)
 
 
 def test_a_killed_supernode_is_reported_and_the_run_finishes_without_it(story):

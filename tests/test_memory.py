@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from feddmmr_flower.memory import NEVER, STATE_KEYS, LocalDynamicMemory, MemoryConfig
+from feddmmr_flower.experiment import memory_config, prototype_config
+from feddmmr_flower.memory import NEVER, STATE_KEYS, LocalDynamicMemory
 from feddmmr_flower.models.feddmmr import FedDMMR, FedDMMRConfig
-from feddmmr_flower.prototypes import PrototypeConfig, local_prototypes
-from feddmmr_flower.train import memory_prototypes
+from feddmmr_flower.prototypes import local_prototypes, memory_prototypes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -32,7 +32,7 @@ def entry(memory: LocalDynamicMemory, item: int, row: int = 0) -> dict:
 def test_capacity_is_never_exceeded_and_items_stay_unique() -> None:
     """Fixed-capacity memory: after many passes of random writes (across 3 users at once) no row
     holds more than ``capacity`` entries, and no item is stored twice in a row."""
-    cfg = MemoryConfig(capacity=5, topk=3, surprise_threshold=0.0, max_writes=4)
+    cfg = memory_config(capacity=5, topk=3, surprise_threshold=0.0, max_writes=4)
     memory = LocalDynamicMemory(3, cfg)
     rng = np.random.default_rng(0)
     for _ in range(40):
@@ -49,7 +49,7 @@ def test_capacity_is_never_exceeded_and_items_stay_unique() -> None:
 
 def _full_memory() -> LocalDynamicMemory:
     """Capacity 3, items 1, 2, 3 with explicit counters; step 10."""
-    memory = LocalDynamicMemory(1, MemoryConfig(capacity=3, topk=3, surprise_threshold=0.5, max_writes=2))
+    memory = LocalDynamicMemory(1, memory_config(capacity=3, topk=3, surprise_threshold=0.5, max_writes=2))
     memory.item[0] = torch.tensor([1, 2, 3])
     memory.position[0] = torch.tensor([4, 1, 2])
     memory.surprise[0] = torch.tensor([2.0, 2.0, 2.0])
@@ -85,7 +85,7 @@ def test_full_memory_evicts_the_stalest_entry() -> None:
 def test_rewrite_bumps_frequency_keeps_max_surprise_and_earliest_position() -> None:
     """A re-written item updates its entry in place: frequency + 1, last write = this pass, the
     larger of the two surprises and the earlier of the two source positions."""
-    memory = LocalDynamicMemory(1, MemoryConfig(capacity=4, topk=4, surprise_threshold=1.0, max_writes=3))
+    memory = LocalDynamicMemory(1, memory_config(capacity=4, topk=4, surprise_threshold=1.0, max_writes=3))
     write(memory, [[5, 6]], [[6, 2]], [[3.0, 1.0]])  # surprise 1.5 / 0.5: only item 5
     assert valid_items(memory) == [5]
     assert entry(memory, 5) == {"position": 6, "freq": 1, "last_write": 1, "surprise": 1.5}
@@ -97,12 +97,12 @@ def test_rewrite_bumps_frequency_keeps_max_surprise_and_earliest_position() -> N
     assert (got["position"], got["freq"], got["last_write"]) == (3, 3, 3)
     assert got["surprise"] == pytest.approx(5 / 3)
     stats = memory.stats()
-    assert (stats["memory_writes"], stats["memory_rewrites"], stats["memory_passes"]) == (3, 2, 3)
+    assert (stats["memory-writes"], stats["memory-rewrites"], stats["memory-passes"]) == (3, 2, 3)
 
 
 def test_an_item_twice_in_one_pass_is_written_once() -> None:
     """Two occurrences of the same item in one pass give one entry (frequency 1), not two slots."""
-    memory = LocalDynamicMemory(1, MemoryConfig(capacity=4, topk=4, surprise_threshold=0.0, max_writes=4))
+    memory = LocalDynamicMemory(1, memory_config(capacity=4, topk=4, surprise_threshold=0.0, max_writes=4))
     write(memory, [[4, 9, 4]], [[1, 2, 3]], [[1.0, 1.0, 2.0]])
     assert valid_items(memory) == [4, 9]
     assert entry(memory, 4)["freq"] == 1
@@ -113,13 +113,13 @@ def test_surprise_threshold_and_write_cap() -> None:
     """Surprise = loss / the row's mean loss over real positions. Items at or below the threshold
     are not written; above it, at most ``max_writes`` (the most surprising) per pass; padding
     (item 0) never is."""
-    memory = LocalDynamicMemory(1, MemoryConfig(capacity=10, topk=5, surprise_threshold=1.0, max_writes=3))
+    memory = LocalDynamicMemory(1, memory_config(capacity=10, topk=5, surprise_threshold=1.0, max_writes=3))
     assert write(memory, [[1, 2, 3]], [[1, 2, 3]], [[2.0, 2.0, 2.0]])["writes"] == 0  # all exactly 1.0
     assert valid_items(memory) == []
     # mean over real positions = 1.0 (the padded position's loss is ignored)
     write(memory, [[0, 4, 5, 6, 7, 8, 9]], [[0, 1, 2, 3, 4, 5, 6]], [[50.0, 0.1, 0.2, 1.0, 1.4, 1.5, 1.8]])
     assert valid_items(memory) == [7, 8, 9]  # 1.0 not > 1.0; 1.4, 1.5, 1.8 the top three
-    memory = LocalDynamicMemory(1, MemoryConfig(capacity=10, topk=5, surprise_threshold=1.0, max_writes=2))
+    memory = LocalDynamicMemory(1, memory_config(capacity=10, topk=5, surprise_threshold=1.0, max_writes=2))
     write(memory, [[4, 5, 6, 7, 8, 9]], [[1, 2, 3, 4, 5, 6]], [[0.1, 0.2, 0.6, 1.4, 1.5, 2.2]])
     assert valid_items(memory) == [8, 9]  # capped at 2 although 3 are above the threshold
 
@@ -128,7 +128,7 @@ def test_surprise_threshold_and_write_cap() -> None:
 def test_retrieve_sorts_by_position_with_empty_slots_last() -> None:
     """Retrieval returns the top-k entries by utility *sorted by source position* so that "slots
     visible before t" is a prefix; empty slots are item 0 with position NEVER, at the end."""
-    memory = LocalDynamicMemory(2, MemoryConfig(capacity=6, topk=6))
+    memory = LocalDynamicMemory(2, memory_config(capacity=6, topk=6))
     memory.item[0, :4] = torch.tensor([11, 12, 13, 14])
     memory.position[0, :4] = torch.tensor([7, 2, 9, 4])
     memory.freq[0, :4] = torch.tensor([1, 1, 9, 1])
@@ -146,7 +146,7 @@ def test_retrieve_sorts_by_position_with_empty_slots_last() -> None:
 def test_state_round_trip_is_bit_exact_and_validated() -> None:
     """A client's memory lives in Flower's context.state as small arrays: the round trip must be
     bit-exact with dtypes preserved, for any row; bad state is refused with ValueError."""
-    cfg = MemoryConfig(capacity=6, topk=4, surprise_threshold=0.0, max_writes=4)
+    cfg = memory_config(capacity=6, topk=4, surprise_threshold=0.0, max_writes=4)
     memory = LocalDynamicMemory(3, cfg)
     rng = np.random.default_rng(1)
     for _ in range(5):
@@ -174,24 +174,24 @@ def test_state_round_trip_is_bit_exact_and_validated() -> None:
     with pytest.raises(ValueError, match="position"):
         LocalDynamicMemory.single(cfg, bad)
     with pytest.raises(ValueError):
-        LocalDynamicMemory.single(MemoryConfig(capacity=8, topk=4), memory.state_arrays(0))
+        LocalDynamicMemory.single(memory_config(capacity=8, topk=4), memory.state_arrays(0))
 
 
 def test_stats_counters_and_size() -> None:
-    """stats(): mean number of valid entries and the summed write/rewrite/eviction/pass counters."""
-    memory = LocalDynamicMemory(2, MemoryConfig(capacity=2, topk=2, surprise_threshold=0.0, max_writes=3))
+    """stats(): per-user means of the number of valid entries and the write/rewrite/eviction/pass counters."""
+    memory = LocalDynamicMemory(2, memory_config(capacity=2, topk=2, surprise_threshold=0.0, max_writes=3))
     write(memory, [[1, 2, 3], [4, 0, 0]], [[1, 2, 3], [1, 0, 0]], [[1.0, 2.0, 3.0], [1.0, 0.0, 0.0]], rows=(0, 1))
     # row 0: 3 candidates, capacity 2 -> 3 written, 1 evicted; row 1: one write
     held = valid_items(memory, 0)[0]  # which two of the three survived is a tie: pick one that did
     write(memory, [[held, 0, 0], [4, 5, 0]], [[4, 0, 0], [2, 3, 0]], [[1.0, 0.0, 0.0], [1.0, 3.0, 0.0]], rows=(0, 1))
     # row 0: rewrite of ``held``; row 1: surprises 0.5 and 1.5 (> 0) -> rewrite of 4, new 5 in the free slot
     stats = memory.stats()
-    assert stats["memory_size"] == 2.0
-    assert stats["memory_passes"] == 4
-    assert stats["memory_writes"] == 3 + 1 + 1 + 2
-    assert stats["memory_rewrites"] == 2
-    assert stats["memory_evictions"] == 1
-    assert memory.stats(torch.tensor([1]))["memory_writes"] == 3
+    assert stats["memory-size"] == 2.0
+    assert stats["memory-passes"] == 4 / 2
+    assert stats["memory-writes"] == (3 + 1 + 1 + 2) / 2
+    assert stats["memory-rewrites"] == 2 / 2
+    assert stats["memory-evictions"] == 1 / 2
+    assert memory.stats(torch.tensor([1]))["memory-writes"] == 3
 
 
 # ------------------------------------------------------------------------- prototypes
@@ -208,7 +208,9 @@ def test_prototypes_release_only_large_clusters() -> None:
     """A centroid leaves the client only if its cluster has >= min_cluster_size members: the lone
     point must not be released (it would reveal one memory entry). Shapes [k, P] float32."""
     vectors, weights = _clusters()
-    centroids, sizes = local_prototypes(vectors, weights, PrototypeConfig(num_prototypes=3, min_cluster_size=3))
+    centroids, sizes = local_prototypes(
+        vectors, weights, prototype_config(num_prototypes=3, min_cluster_size=3, noise_std=0.0)
+    )
     assert centroids.shape == (2, 6) and centroids.dtype == np.float32
     assert sizes.dtype == np.float32 and sorted(sizes.tolist()) == [5.0, 5.0]
     means = sorted([vectors[:5].mean(0), vectors[6:].mean(0)], key=lambda m: m[0])
@@ -222,7 +224,7 @@ def test_prototypes_are_deterministic_for_a_seed() -> None:
     """Fixed seed: the same memory gives identical prototypes twice (reproducible runs)."""
     rng = np.random.default_rng(3)
     vectors, weights = rng.normal(size=(20, 8)), rng.random(20)
-    cfg = PrototypeConfig(num_prototypes=4, min_cluster_size=2, seed=7)
+    cfg = prototype_config(num_prototypes=4, min_cluster_size=2, noise_std=0.0, seed=7)
     c1, s1 = local_prototypes(vectors, weights, cfg)
     c2, s2 = local_prototypes(vectors, weights, cfg)
     assert np.array_equal(c1, c2) and np.array_equal(s1, s2) and len(c1) > 0
@@ -230,7 +232,9 @@ def test_prototypes_are_deterministic_for_a_seed() -> None:
 
 def test_prototypes_of_a_tiny_memory_are_empty() -> None:
     """Fewer entries than min_cluster_size: nothing can be released, an empty [0, P] array."""
-    centroids, sizes = local_prototypes(np.ones((2, 6)), np.ones(2), PrototypeConfig(min_cluster_size=3))
+    centroids, sizes = local_prototypes(
+        np.ones((2, 6)), np.ones(2), prototype_config(min_cluster_size=3, noise_std=0.0)
+    )
     assert centroids.shape == (0, 6) and sizes.shape == (0,)
     assert centroids.dtype == np.float32
 
@@ -238,9 +242,9 @@ def test_prototypes_of_a_tiny_memory_are_empty() -> None:
 def test_prototype_noise() -> None:
     """noise_std > 0 perturbs the released centroids (by about noise_std), noise_std = 0 does not."""
     vectors, weights = _clusters()
-    clean, _ = local_prototypes(vectors, weights, PrototypeConfig(num_prototypes=3))
+    clean, _ = local_prototypes(vectors, weights, prototype_config(num_prototypes=3, noise_std=0.0))
     noisy, sizes = local_prototypes(
-        vectors, weights, PrototypeConfig(num_prototypes=3, noise_std=0.5), rng=np.random.default_rng(0)
+        vectors, weights, prototype_config(num_prototypes=3, noise_std=0.5), rng=np.random.default_rng(0)
     )
     assert noisy.shape == clean.shape and sorted(sizes.tolist()) == [5.0, 5.0]
     diff = np.abs(noisy - clean)
@@ -254,10 +258,10 @@ def test_memory_prototypes_live_in_the_id_text_image_space() -> None:
     model = FedDMMR(FedDMMRConfig(num_items=30, hidden=16, maxlen=12, num_blocks=1, dropout=0.0))
     rng = np.random.default_rng(0)
     model.set_features(rng.normal(size=(31, 512)), np.ones(31, bool), rng.normal(size=(31, 384)), np.ones(31, bool))
-    memory = LocalDynamicMemory(2, MemoryConfig(capacity=12, topk=6, surprise_threshold=0.0, max_writes=12))
+    memory = LocalDynamicMemory(2, memory_config(capacity=12, topk=6, surprise_threshold=0.0, max_writes=12))
     items = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
     write(memory, items.tolist(), [list(range(1, 11))], [list(np.linspace(1, 2, 10))])
-    cfg = PrototypeConfig(num_prototypes=3, min_cluster_size=2)
+    cfg = prototype_config(num_prototypes=3, min_cluster_size=2, noise_std=0.0, seed=0)
     centroids, sizes = memory_prototypes(model, memory, 0, cfg)
     assert centroids.shape[1] == 16 + 384 + 512 == model.config.prototype_dim
     assert 1 <= len(centroids) <= 3 and sizes.sum() <= 10 and (sizes >= 2).all()
@@ -271,7 +275,7 @@ def test_memory_prototypes_live_in_the_id_text_image_space() -> None:
 def test_a_refused_state_leaves_the_memory_untouched() -> None:
     """A state refused with ValueError must not half-load: the memory keeps its previous content
     (as ``stages.load_arrays`` does for model tensors)."""
-    memory = LocalDynamicMemory(1, MemoryConfig(capacity=4, topk=2))
+    memory = LocalDynamicMemory(1, memory_config(capacity=4, topk=2))
     before = memory.state_arrays(0)
     bad = {k: v.copy() for k, v in before.items()}
     bad["item"] = np.array([1, 2, 3, 4])
@@ -289,10 +293,10 @@ def test_prototype_noise_is_not_the_same_for_every_client() -> None:
     model = FedDMMR(FedDMMRConfig(num_items=30, hidden=16, maxlen=12, num_blocks=1, dropout=0.0))
     rng = np.random.default_rng(0)
     model.set_features(rng.normal(size=(31, 512)), np.ones(31, bool), rng.normal(size=(31, 384)), np.ones(31, bool))
-    memory = LocalDynamicMemory(2, MemoryConfig(capacity=12, topk=6, surprise_threshold=0.0, max_writes=12))
+    memory = LocalDynamicMemory(2, memory_config(capacity=12, topk=6, surprise_threshold=0.0, max_writes=12))
     write(memory, [list(range(1, 7)), list(range(11, 17))], [list(range(1, 7))] * 2, [[1.0, 2.0] * 3] * 2, rows=(0, 1))
-    clean_cfg = PrototypeConfig(num_prototypes=1, min_cluster_size=2)
-    noisy_cfg = PrototypeConfig(num_prototypes=1, min_cluster_size=2, noise_std=0.1)
+    clean_cfg = prototype_config(num_prototypes=1, min_cluster_size=2, noise_std=0.0)
+    noisy_cfg = prototype_config(num_prototypes=1, min_cluster_size=2, noise_std=0.1)
     offsets = [
         memory_prototypes(model, memory, row, noisy_cfg)[0] - memory_prototypes(model, memory, row, clean_cfg)[0]
         for row in (0, 1)

@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from feddmmr_flower.data.sequences import SequenceData
-from feddmmr_flower.memory import NEVER, LocalDynamicMemory, MemoryConfig
-from feddmmr_flower.models.feddmmr import FedDMMR, FedDMMRConfig, info_nce
+from feddmmr_flower.experiment import memory_config, train_config
+from feddmmr_flower.local_training import batch_loss, make_batch, memory_slots, refresh_memory, train_epoch
+from feddmmr_flower.memory import NEVER, LocalDynamicMemory
+from feddmmr_flower.models.experts import info_nce
+from feddmmr_flower.models.feddmmr import FedDMMR, FedDMMRConfig
 from feddmmr_flower.stages import apply_stage
-from feddmmr_flower.train import TrainConfig, batch_loss, make_batch, memory_slots, refresh_memory, train_epoch
 
 from .conftest import distinct_item_data
 
@@ -76,7 +78,7 @@ def randomise_norms(model: FedDMMR, seed: int = 0) -> None:
 def filled_memory(data: SequenceData, users: np.ndarray, capacity: int = 16, seed: int = 0):
     """A memory holding every training target of ``users`` (threshold 0, no write cap)."""
     memory = LocalDynamicMemory(
-        len(users), MemoryConfig(capacity=capacity, topk=capacity, surprise_threshold=0.0, max_writes=MAXLEN)
+        len(users), memory_config(capacity=capacity, topk=capacity, surprise_threshold=0.0, max_writes=MAXLEN)
     )
     batch = make_batch(data, users, np.arange(len(users)), MAXLEN)
     real = batch.targets > 0
@@ -118,7 +120,7 @@ def test_zero_init_experts_score_like_sasrec_until_the_first_finetune_step() -> 
             )
 
     model.train()
-    config = TrainConfig(num_negatives=5, lambda_c=0.5, lambda_lb=0.01, batch_size=len(users))
+    config = train_config(num_negatives=5, lambda_c=0.5, lambda_lb=0.01, batch_size=len(users))
     optimizer = torch.optim.Adam(apply_stage(model, "finetune"), lr=1e-2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loss, _, parts = batch_loss(model, batch, config, "finetune", slots, torch.Generator().manual_seed(0))
@@ -150,7 +152,7 @@ def test_at_zero_init_only_the_norm_gains_get_recommendation_gradient() -> None:
     memory, batch = filled_memory(data, np.arange(data.num_users))
     slots = memory_slots(model, memory, batch.rows, None)
     apply_stage(model, "finetune")
-    config = TrainConfig(num_negatives=5, lambda_c=0.0, lambda_lb=0.0)
+    config = train_config(num_negatives=5, lambda_c=0.0, lambda_lb=0.0)
     loss, _, parts = batch_loss(model, batch, config, "finetune", slots, torch.Generator().manual_seed(0))
     assert set(parts) == {"rec"}
     loss.backward()
@@ -225,9 +227,9 @@ def test_training_never_writes_held_out_targets_to_memory() -> None:
     model = tiny_model()
     users = np.arange(data.num_users)
     memory = LocalDynamicMemory(
-        data.num_users, MemoryConfig(capacity=16, topk=8, surprise_threshold=0.0, max_writes=MAXLEN)
+        data.num_users, memory_config(capacity=16, topk=8, surprise_threshold=0.0, max_writes=MAXLEN)
     )
-    config = TrainConfig(num_negatives=5, batch_size=4, lambda_c=0.1)
+    config = train_config(num_negatives=5, batch_size=4, lambda_c=0.1)
     g = torch.Generator().manual_seed(0)
     for stage, epochs in (("pretrain", 2), ("finetune", 2)):
         optimizer = torch.optim.Adam(apply_stage(model, stage), lr=1e-3)

@@ -2,7 +2,7 @@
 
 The model is trained by ``feddmmr train-central`` (full variant, every stage) on the 20-user
 synthetic dataset; a federated-format copy of its weights is written with the ServerApp's own
-checkpoint writer, so both kinds of run folder are exercised: central (the saved memories are
+checkpoint writer (``feddmmr_flower.checkpoint``), so both kinds of run folder are exercised: central (the saved memories are
 used) and federated (no memories: rebuilt like a client that never trained).
 """
 
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from feddmmr_flower.config import ExperimentConfig
+from feddmmr_flower import checkpoint
 from feddmmr_flower.recommend import Recommender, UnknownUserError, load_run, user_index
 
 from .conftest import distinct_item_data, synthetic_ml100k
@@ -58,17 +59,10 @@ def trained(tmp_path_factory) -> dict:
 
 def _federated_copy(central: Path, folder: Path) -> Path:
     """The central weights as the ServerApp saves a federated ``best.pt`` (no memories inside)."""
-    from flwr.app import ArrayRecord
-
-    from feddmmr_flower.models.feddmmr import FedDMMR, FedDMMRConfig
-    from server_app.federation import _model_payload, _save_pt
-
-    saved = torch.load(central / "best.pt", map_location="cpu", weights_only=False)
-    cfg = ExperimentConfig.from_flat(json.loads((central / "results.json").read_text())["config"]["experiment"])
-    model = FedDMMR(FedDMMRConfig(**saved["model_config"]))
-    model.load_state_dict(saved["state_dict"])
-    folder.mkdir()
-    _save_pt(folder / "best.pt", _model_payload(cfg, model, ArrayRecord(model.state_dict()), None, round=6))
+    saved = checkpoint.load(central / "best.pt")
+    checkpoint.save(
+        folder / "best.pt", replace(saved, kind="federated", memory=None, round=6, stage="finetune", valid=None)
+    )
     return folder
 
 
@@ -132,7 +126,7 @@ def test_federated_checkpoint_rebuilds_memory_like_a_client(trained, federated):
         assert sum(rec["router"].values()) == pytest.approx(1.0, abs=1e-3)
         assert rec["semantic_read"] and {m["item"] for m in rec["semantic_read"]} <= training
     runtime = ClientRuntime(federated.run.cfg)
-    arrays = {k: v.numpy() for k, v in federated.run.payload["state_dict"].items()}
+    arrays = {k: v.numpy() for k, v in federated.run.checkpoint.state_dict.items()}
     client_memory = runtime.evaluate(user, arrays, None, None, split="valid").memory
     memory, row, _ = federated.memory(user)
     assert np.array_equal(memory.item[row].numpy(), client_memory["item"])
@@ -140,7 +134,7 @@ def test_federated_checkpoint_rebuilds_memory_like_a_client(trained, federated):
 
 def test_attention_weights_are_what_the_expert_reads():
     """The explanation's weights reproduce the expert's output (one head: no averaging over heads)."""
-    from feddmmr_flower.models.feddmmr import MemoryExpert
+    from feddmmr_flower.models.experts import MemoryExpert
 
     torch.manual_seed(0)
     expert = MemoryExpert(hidden=8, heads=1, scale=10.0)
@@ -182,7 +176,7 @@ def test_cli_checkpoint_choices(trained):
         trained["root"],
     )
     assert by_path.returncode == 0, by_path.stderr
-    assert json.loads(by_path.stdout)["weights"] == "best.pt (federated, round 6)"
+    assert json.loads(by_path.stdout)["weights"] == "best.pt (federated, round 6 [finetune])"
 
 
 def _error(trained, *args) -> str:
@@ -210,3 +204,20 @@ def test_not_a_checkpoint(trained):
     junk.mkdir(exist_ok=True)
     (junk / "best.pt").write_bytes(b"not a checkpoint")
     assert "is not a FedDMMR checkpoint" in _error(trained, "--run", str(junk), "--user", "1")
+
+
+def test_a_checkpoint_of_another_format_version_is_refused(trained):
+    """Old files are refused with their version named, never half-read (resume-from, init-from too)."""
+    payload = torch.load(trained["central"] / "best.pt", map_location="cpu", weights_only=False)
+    older = trained["root"] / "older"
+    older.mkdir(exist_ok=True)
+    torch.save({**payload, "version": checkpoint.VERSION + 1}, older / "best.pt")
+    assert f"format version {checkpoint.VERSION + 1}" in _error(trained, "--run", str(older), "--user", "1")
+    unmarked = {k: v for k, v in payload.items() if k not in ("format", "version")}  # before versions existed
+    torch.save(unmarked, older / "best.pt")
+    assert "no 'feddmmr-checkpoint' format mark" in _error(trained, "--run", str(older), "--user", "1")
+    from feddmmr_flower.errors import ConfigError
+    from feddmmr_flower.experiment import load_weights
+
+    with pytest.raises(ConfigError, match="init-from: .* format mark"):
+        load_weights(Recommender(load_run(trained["central"])).model, older / "best.pt")

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from feddmmr_flower.plots import RUN_COLOURS, STAGE_COLOURS
-from feddmmr_flower.report import central_history, load_run_record, stage_bests
+from feddmmr_flower.report import load_run_record, stage_bests
 
 from .conftest import synthetic_ml100k
 from .test_readme import run_feddmmr
@@ -75,8 +75,8 @@ def test_report_writes_markdown_and_plots(runs):
     page = (out / "report.md").read_text()
     for section in ("## Test metrics", "## Configuration", "## Best validation per stage", "## Memory", "## Time"):
         assert section in page
-    results = json.loads((runs["full"] / "results.json").read_text())
-    assert f"{results['test']['sampled']['NDCG@10']:.4f}" in page and f"{results['test']['full']['HR@10']:.4f}" in page
+    summary = json.loads((runs["full"] / "summary.json").read_text())
+    assert f"{summary['test']['sampled']['NDCG@10']:.4f}" in page and f"{summary['test']['full']['HR@10']:.4f}" in page
     for stage in ("pretrain", "align", "finetune"):
         assert f"| central-full | {stage} |" in page
     for name in PLOTS:
@@ -117,14 +117,20 @@ def test_compare_puts_runs_on_the_same_plots(runs):
     assert "| central-sasrec | no memory (variant sasrec) |" in page
 
 
-def test_central_history_in_the_federated_shape(runs):
-    results = json.loads((runs["full"] / "results.json").read_text())
-    history = central_history(results)
-    assert [r["round"] for r in history] == [r["epoch"] for r in results["history"]]
-    last, raw = history[-1], results["history"][-1]
-    assert last["train"]["memory-size"] == raw["memory"]["memory_size"]
-    assert last["train"]["memory-writes"] == pytest.approx(raw["memory"]["memory_writes"] / 20)  # per user
-    assert last["valid"]["NDCG@10"] == raw["valid"]["NDCG@10"]
+def test_a_central_run_folder_has_the_federated_shape(runs):
+    """run_record.py writes both kinds: one record per epoch (as a round), per-user memory figures
+    under the federated metric names, and the same summary keys."""
+    history = json.loads((runs["full"] / "history.json").read_text())
+    assert history["kind"] == "central" and [r["round"] for r in history["rounds"]] == [1, 2, 3, 4, 5, 6]
+    last = history["rounds"][-1]
+    assert {"memory-size", "memory-writes", "memory-rewrites", "memory-evictions", "memory-passes"} <= set(
+        last["train"]
+    )
+    assert 0 < last["train"]["memory-size"] <= 50 and last["valid"]["NDCG@10"] >= 0
+    summary = json.loads((runs["full"] / "summary.json").read_text())
+    assert {"kind", "run", "rounds", "best_round", "best_stage", "best_valid_NDCG@10", "test", "wall_time_s"} <= set(
+        summary
+    )
     record = load_run_record(runs["full"])
     assert record.kind == "central" and record.x == "epoch"
     best = {row["stage"]: row["best"]["valid"]["NDCG@10"] for row in stage_bests(record.history)}
@@ -136,8 +142,8 @@ def test_report_errors_are_one_line(runs):
     empty.mkdir(exist_ok=True)
     for args, message in (
         (["--run", str(runs["root"] / "nope")], "run folder"),
-        (["--run", str(empty)], "neither history.json"),
-        (["--run", str(runs["full"]), "--compare", str(empty)], "neither history.json"),
+        (["--run", str(empty)], "no history.json"),
+        (["--run", str(runs["full"]), "--compare", str(empty)], "no history.json"),
     ):
         done = run_feddmmr(["feddmmr", "report", *args], runs["root"])
         lines = done.stderr.strip().splitlines()

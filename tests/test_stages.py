@@ -9,12 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from feddmmr_flower import checkpoint
+from feddmmr_flower.central import train_central
+from feddmmr_flower.config import ExperimentConfig
 from feddmmr_flower.data.sequences import SequenceData
 from feddmmr_flower.errors import ConfigError
-from feddmmr_flower.memory import LocalDynamicMemory, MemoryConfig
+from feddmmr_flower.experiment import memory_config, train_config
+from feddmmr_flower.local_training import refresh_memory, train_epoch
+from feddmmr_flower.memory import LocalDynamicMemory
 from feddmmr_flower.models.feddmmr import FedDMMR, FedDMMRConfig
 from feddmmr_flower.stages import StageSchedule, apply_stage, load_arrays, trainable_names, trainable_state
-from feddmmr_flower.train import TrainConfig, refresh_memory, train_central, train_epoch
 
 from .conftest import distinct_item_data
 
@@ -67,7 +71,7 @@ def one_step(
 ) -> set[str]:
     """One optimiser step of ``stage`` over all users (one batch); returns the changed tensors."""
     users = np.arange(data.num_users)
-    config = TrainConfig(num_negatives=5, batch_size=len(users), lambda_c=0.5, lambda_lb=0.01)
+    config = train_config(num_negatives=5, batch_size=len(users), lambda_c=0.5, lambda_lb=0.01)
     optimizer = torch.optim.Adam(apply_stage(model, stage), lr=lr)
     before = snapshot(model)
     train_epoch(model, data, users, users, optimizer, config, stage, memory, None, torch.Generator().manual_seed(0))
@@ -75,9 +79,9 @@ def one_step(
 
 
 def filled_memory(model: FedDMMR, data: SequenceData) -> LocalDynamicMemory:
-    memory = LocalDynamicMemory(data.num_users, MemoryConfig(capacity=12, topk=8, surprise_threshold=0.0))
+    memory = LocalDynamicMemory(data.num_users, memory_config(capacity=12, topk=8, surprise_threshold=0.0))
     users = np.arange(data.num_users)
-    refresh_memory(model, data, users, users, memory, TrainConfig(num_negatives=5), torch.Generator().manual_seed(0))
+    refresh_memory(model, data, users, users, memory, train_config(num_negatives=5), torch.Generator().manual_seed(0))
     assert (memory.item > 0).sum(1).min() > 0
     return memory
 
@@ -159,7 +163,7 @@ def test_sasrec_variant_trains_embedding_and_backbone_in_every_stage(stage: str)
     groups = model.parameter_groups()
     expected = set(groups["item_embedding"]) | set(groups["backbone"])
     assert set(trainable_names(model, stage)) == expected
-    memory = LocalDynamicMemory(data.num_users, MemoryConfig(capacity=12, topk=8, surprise_threshold=0.0))
+    memory = LocalDynamicMemory(data.num_users, memory_config(capacity=12, topk=8, surprise_threshold=0.0))
     assert one_step(model, data, stage, memory) == expected
 
 
@@ -226,40 +230,45 @@ def test_stage_schedule_basics() -> None:
 def test_train_central_runs_the_whole_schedule(tmp_path) -> None:
     """End to end on a tiny dataset: pretrain:2,align:1,finetune:2 with memory and prototypes.
     The result has test metrics under both protocols (all in [0, 1]), a history that records the
-    stage of every epoch, a checkpoint and a results file; the memory holds no held-out target."""
+    stage of every epoch, a checkpoint and the run record files; the memory holds no held-out target."""
     data = tiny_data()
     model = tiny_model()
-    memory = LocalDynamicMemory(data.num_users, MemoryConfig(capacity=12, topk=8, surprise_threshold=0.5))
-    config = TrainConfig(batch_size=4, num_negatives=5, eval_every=1, eval_negatives=10, patience=10, lr=1e-2)
-    lines: list[str] = []
-    result = train_central(
-        model,
-        data,
-        config,
-        StageSchedule.parse("pretrain:2,align:1,finetune:2"),
-        memory,
-        out_dir=tmp_path,
-        log=lines.append,
+    memory = LocalDynamicMemory(data.num_users, memory_config(capacity=12, topk=8, surprise_threshold=0.5))
+    cfg = ExperimentConfig(
+        stage_schedule="pretrain:2,align:1,finetune:2",
+        batch_size=4,
+        negatives=5,
+        eval_every=1,
+        eval_negatives=10,
+        patience=10,
+        lr=1e-2,
     )
+    lines: list[str] = []
+    result = train_central(model, data, cfg, memory, out_dir=tmp_path, log=lines.append)
     assert set(result.test) == {"sampled", "full"}
     for protocol, metrics in result.test.items():
         assert {"HR@10", "NDCG@10", "MRR"} <= set(metrics), protocol
         assert all(0.0 <= v <= 1.0 for v in metrics.values()), (protocol, metrics)
-    assert [(r["epoch"], r["stage"]) for r in result.history] == [
+    assert [(r["round"], r["stage"]) for r in result.history] == [
         (1, "pretrain"),
         (2, "pretrain"),
         (3, "align"),
         (4, "finetune"),
         (5, "finetune"),
     ]
-    assert all("valid" in r and 0 <= r["valid"]["NDCG@10"] <= 1 for r in result.history)
+    assert all(0 <= r["valid"]["NDCG@10"] <= 1 for r in result.history)
     assert 1 <= result.best_epoch <= 5 and result.best_stage == result.history[result.best_epoch - 1]["stage"]
-    assert "align" in result.history[2] and "rec" in result.history[3]
-    assert (tmp_path / "best.pt").is_file() and (tmp_path / "results.json").is_file()
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["test"] == result.test and len(saved["history"]) == 5
-    checkpoint = torch.load(tmp_path / "best.pt", weights_only=False)
-    assert set(checkpoint["state_dict"]) == set(model.state_dict())
+    assert "align" in result.history[2]["train"] and "rec" in result.history[3]["train"]
+    assert "memory-size" in result.history[4]["train"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["kind"] == "central" and summary["best_round"] == result.best_epoch
+    assert summary["test"]["sampled"]["NDCG@10"] == pytest.approx(result.test["sampled"]["NDCG@10"], abs=1e-6)
+    assert len(json.loads((tmp_path / "history.json").read_text())["rounds"]) == 5
+    assert json.loads((tmp_path / "config.json").read_text())["experiment"]["stage-schedule"] == cfg.stage_schedule
+    saved = checkpoint.load(tmp_path / "best.pt")
+    assert saved.kind == "central" and saved.round == result.best_epoch and saved.stage == result.best_stage
+    assert set(saved.state_dict) == set(model.state_dict())
+    assert saved.memory_bank() is not None and len(saved.memory_bank().step) == data.num_users
     assert len(lines) >= 6
     for u in range(data.num_users):  # memory never learned a held-out target
         stored = set(memory.item[u][memory.item[u] > 0].tolist())

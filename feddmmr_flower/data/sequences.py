@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path, atomic_write_bytes
+from ..atomic import atomic_path, atomic_write_json
 from ..errors import DataFormatError
 
 SPLITS = ("train", "valid", "test")
@@ -169,8 +169,3 @@ class SequenceData:
             ) from None
         extra = {k[len("extra_") :]: arrays.pop(k) for k in list(arrays) if k.startswith("extra_")}
         return cls(**arrays, manifest=manifest, item_extra=extra)
-
-
-def atomic_write_json(path: Path, payload: dict) -> None:
-    """Write JSON through a temp file so a crash never leaves half a file."""
-    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, atomic_write_json
 from ..data.download import file_digest
-from ..data.sequences import SequenceData, atomic_write_json
+from ..data.sequences import SequenceData
 from ..errors import ConfigError, FeatureError, MissingDataError
 from . import text as text_mod
 from . import visual as visual_mod
@@ -384,8 +384,3 @@ def features_summary(tables: dict[str, FeatureTable]) -> dict[str, dict]:
         }
         for kind, table in tables.items()
     }
-
-
-def run_features(data: SequenceData, cache_dir: Path, **options) -> dict[str, dict]:
-    """CLI entry: compute/load the tables (options as ``compute_item_features``) and summarise them."""
-    return features_summary(compute_item_features(data, cache_dir, **options))
