@@ -1,17 +1,10 @@
-"""What every benchmark script needs the same way: the app's defaults, ML-100K's item features,
-and ``--set KEY=VALUE`` overrides."""
+"""What every benchmark needs the same way: ML-100K's item features and run-config
+overrides (``--set KEY=VALUE``, ``--run-config "k=v k2='text'"``) read by Flower's own parser."""
 
 from __future__ import annotations
 
-import tomllib
+import sys
 from pathlib import Path
-
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
-
-
-def app_defaults() -> dict:
-    """The Flower app's run config as ``pyproject.toml`` sets it (what ``flwr run`` starts from)."""
-    return tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
 
 
 def ml100k_features(shared: str | Path, *, visual: bool = True, absolute: bool = False) -> dict:
@@ -26,5 +19,13 @@ def ml100k_features(shared: str | Path, *, visual: bool = True, absolute: bool =
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """``["hidden=16", 'stage-schedule="pretrain:2"']`` -> {"hidden": 16, "stage-schedule": "pretrain:2"} (TOML values)."""
-    return tomllib.loads("\n".join(f"{key.strip()} = {value}" for key, value in (i.split("=", 1) for i in items)))
+    """``["hidden=16", "stage-schedule='pretrain:2' fraction-train=0.5"]`` -> {"hidden": 16, ...}: the parser
+    ``flwr run --run-config`` uses (TOML values); a malformed item is a one-line error, exit code 2."""
+    from click import ClickException
+    from flwr.common.config import parse_config_args
+
+    try:
+        return parse_config_args(list(items))
+    except ClickException as exc:
+        print(f"benchmark: error: run-config overrides {items!r}: {exc.message}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -7,14 +7,14 @@ is tests/deployment_lab.py). On the same deployment, R rounds of:
 * a no-op app (benchmarks/noop_app: the ClientApp replies at once): Flower's own floor, with no
   payload and with ~1 MB echoed as 48 arrays or as 1 (Flower moves each array as an object);
 * FedDMMR (variant full, text features, one train message per node per round, no validation; the
-  model packed into one array on the wire, client_app/wire.py);
+  model packed into one array on the wire, feddmmr_wire/packing.py);
 
 plus a Ray simulation of the same FedDMMR run for comparison, and the import cost of a fresh
 ClientApp process (Flower alone vs ours), since a deployed SuperNode starts one per message.
 Round 1 includes start-up and the last round also validates: means are over train-only rounds
 after round 1. Users are ML-100K's first N (top-users).
 
-    python benchmarks/deployment_overhead.py --data-dir ../shared/data/ml-100k \
+    python -m benchmarks.deployment_overhead --data-dir ../shared/data/ml-100k \
         --descriptions ../shared/data/ml-100k-llm/item_descriptions.json --out benchmarks/results/deployment_overhead.json
 """
 
@@ -30,16 +30,15 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from feddmmr_flower.atomic import atomic_write_json
+from feddmmr_flower.config import ExperimentConfig
+from feddmmr_flower.experiment import load_assets
+from feddmmr_flower.provenance import command_line, machine_description
+from tests.deployment_lab import Deployment
+from tests.flwr_utils import BIN, copy_app, flwr_run, run_config_arg
+from tests.netlab import NetLab, namespaces_available
 
-from feddmmr_flower.config import ExperimentConfig  # noqa: E402
-from feddmmr_flower.data.sequences import atomic_write_json  # noqa: E402
-from feddmmr_flower.experiment import load_assets  # noqa: E402
-from feddmmr_flower.train import command_line, machine_description  # noqa: E402
-from tests.deployment_lab import Deployment  # noqa: E402
-from tests.flwr_utils import BIN, copy_app, flwr_run, run_config_arg  # noqa: E402
-from tests.netlab import NetLab, namespaces_available  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def say(text: str) -> None:

@@ -8,7 +8,7 @@ evaluation protocol (``feddmmr_flower/evaluation.py``):
 * federated: every user evaluating itself as a ClientApp does (``ClientRuntime.evaluate``: its
   memory, both protocols), one after the other in one process: the compute of a federated final test.
 
-    python benchmarks/eval_speed.py --data-dir ../shared/data/ml-100k --shared ../shared/data
+    python -m benchmarks.eval_speed --data-dir ../shared/data/ml-100k --shared ../shared/data
 """
 
 from __future__ import annotations
@@ -22,16 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import ml100k_features  # noqa: E402
-from feddmmr_flower.client import runtime_for  # noqa: E402
-from feddmmr_flower.config import ExperimentConfig  # noqa: E402
-from feddmmr_flower.data.sequences import atomic_write_json  # noqa: E402
-from feddmmr_flower.evaluation import all_candidates, evaluate  # noqa: E402
-from feddmmr_flower.experiment import memory_config, train_config  # noqa: E402
-from feddmmr_flower.memory import LocalDynamicMemory  # noqa: E402
-from feddmmr_flower.train import command_line, machine_description, model_scorer, refresh_memory  # noqa: E402
+from benchmarks.common import ml100k_features
+from feddmmr_flower.atomic import atomic_write_json
+from feddmmr_flower.client import runtime_for
+from feddmmr_flower.config import ExperimentConfig
+from feddmmr_flower.evaluation import all_candidates, evaluate
+from feddmmr_flower.experiment import memory_config, train_config
+from feddmmr_flower.local_training import model_scorer, refresh_memory
+from feddmmr_flower.memory import LocalDynamicMemory
+from feddmmr_flower.provenance import command_line, machine_description
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -82,7 +81,7 @@ def main() -> int:
         runtime.evaluate(int(user), arrays, None, None, split="test")
     per_client_s = time.perf_counter() - tick
     payload = {
-        "command": "python " + command_line(),
+        "command": command_line(),
         "machine": machine_description(),
         "threads": torch.get_num_threads(),
         "users": int(data.num_users),

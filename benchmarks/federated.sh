@@ -13,7 +13,7 @@ NODES=${NODES:-943}
 repo=$PWD
 # flwr run edits pyproject.toml (it migrates [tool.flwr.federations]): run from a copy of the app.
 app=$(mktemp -d)
-cp -r pyproject.toml README.md feddmmr_flower client_app server_app strategies "$app/"
+cp -r pyproject.toml README.md feddmmr_flower feddmmr_wire client_app server_app strategies "$app/"
 export FLWR_HOME=${FLWR_HOME:-$app/.flwr}
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 mkdir -p outputs
@@ -26,7 +26,7 @@ pkill -f "$FLWR_HOME" || true
 python - "$name" "$invocation" "$PWD" "$DATA" "$SHARED" <<'PY'
 import json, os, sys
 from pathlib import Path
-from feddmmr_flower.train import machine_description
+from feddmmr_flower.provenance import machine_description
 name, invocation, repo, data, shared = sys.argv[1:6]
 
 def relative(text: str) -> str:  # no machine-specific paths in committed results

@@ -20,7 +20,7 @@ items written to the memory; the trained copy is thrown away, like a client's af
 With fraction-train 0.1, a client of a 450-round run participates ~45 times; the run's history
 shows its memories at ~26 entries after ~10 participations and ~41 at the end.
 
-    python benchmarks/leakage_attack.py --checkpoint outputs/fed-full_450rounds/checkpoint-finetune.pt
+    python -m benchmarks.leakage_attack --checkpoint outputs/fed-full_450rounds/checkpoint-finetune.pt
 
 The default of ``min-cluster-size`` / ``prototype-noise`` is selected on *validation* NDCG@10:
 among the settings whose mean attack AUC is <= --target-auc and whose validation NDCG@10 is within
@@ -41,23 +41,18 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from feddmmr_flower.atomic import atomic_path  # noqa: E402
-from feddmmr_flower.client import ClientRuntime  # noqa: E402
-from feddmmr_flower.config import ExperimentConfig  # noqa: E402
-from feddmmr_flower.data.sequences import atomic_write_json  # noqa: E402
-from feddmmr_flower.evaluation import evaluate  # noqa: E402
-from feddmmr_flower.experiment import build_model, load_assets, load_weights, memory_config  # noqa: E402
-from feddmmr_flower.memory import LocalDynamicMemory  # noqa: E402
-from feddmmr_flower.prototype_aggregation import aggregate_prototypes  # noqa: E402
-from feddmmr_flower.prototypes import PrototypeConfig, local_prototypes  # noqa: E402
-from feddmmr_flower.train import (  # noqa: E402
-    command_line,
-    machine_description,
-    model_scorer,
-    prototype_vectors,
-)
+from benchmarks.common import parse_overrides
+from feddmmr_flower import checkpoint
+from feddmmr_flower.atomic import atomic_path, atomic_write_json
+from feddmmr_flower.client import ClientRuntime
+from feddmmr_flower.config import ExperimentConfig
+from feddmmr_flower.evaluation import evaluate
+from feddmmr_flower.experiment import build_model, load_assets, load_weights, memory_config, prototype_config
+from feddmmr_flower.local_training import model_scorer
+from feddmmr_flower.memory import LocalDynamicMemory
+from feddmmr_flower.prototype_aggregation import aggregate_prototypes
+from feddmmr_flower.prototypes import PrototypeConfig, local_prototypes, prototype_vectors
+from feddmmr_flower.provenance import command_line, machine_description
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,9 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load(args: argparse.Namespace):
-    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    overrides = dict(item.split("=", 1) for item in args.set)
-    cfg = ExperimentConfig.from_flat({**state["experiment"], "resume-from": "", "init-from": "", **overrides})
+    saved = checkpoint.load(args.checkpoint)
+    overrides = parse_overrides(args.set)
+    cfg = ExperimentConfig.from_flat({**saved.experiment, "resume-from": "", "init-from": "", **overrides})
     if cfg.variant == "sasrec":
         raise SystemExit("leakage_attack: the checkpoint has no prototypes (variant sasrec)")
     assets = load_assets(cfg)
@@ -100,29 +95,29 @@ def load(args: argparse.Namespace):
     return cfg, assets, model
 
 
-def fill_memories(cfg: ExperimentConfig, checkpoint: str, participations: int) -> LocalDynamicMemory:
+def fill_memories(cfg: ExperimentConfig, path: str, participations: int) -> LocalDynamicMemory:
     """Every user's memory after ``participations`` real client training steps from the checkpoint."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    arrays = {k: v.numpy() for k, v in state["state_dict"].items()}
-    prototypes = None if state.get("prototypes") is None else state["prototypes"].numpy()
+    saved = checkpoint.load(path)
+    arrays = {k: v.numpy() for k, v in saved.state_dict.items()}
+    prototypes = None if saved.prototypes is None else saved.prototypes.numpy()
     stage = "finetune" if any(k.startswith("norm_") and v.any() for k, v in arrays.items()) else "pretrain"
     runtime = ClientRuntime(cfg)
     users = runtime.num_users
     memory = LocalDynamicMemory(users, memory_config(cfg))
     for user in range(users):
-        saved = None
+        state = None
         for rnd in range(1, participations + 1):
-            saved = runtime.train(
+            state = runtime.train(
                 user,
                 arrays,
                 prototypes,
-                saved,
+                state,
                 stage=stage,
                 lr=cfg.client_lr,
                 local_epochs=cfg.local_epochs,
                 server_round=rnd,
             ).memory
-        memory.load_state(saved, row=user)
+        memory.load_state(state, row=user)
         if user % 200 == 0:
             print(f"[leakage] memories: user {user}/{users}", file=sys.stderr, flush=True)
     return memory
@@ -223,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in [int(x) for x in args.min_cluster_sizes.split(",")]:
         for sigma in [float(x) for x in args.noise.split(",")]:
             tick = time.time()
-            pcfg = PrototypeConfig(cfg.num_prototypes, m, sigma, cfg.seed)
+            pcfg = prototype_config(cfg, min_cluster_size=m, noise_std=sigma)
             with torch.no_grad():
                 aucs, pooled, released = attack(model, data, memory, pcfg, args.seed)
                 util = utility(cfg, data, model, memory, released, args.seed)

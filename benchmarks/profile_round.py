@@ -1,12 +1,12 @@
 """Profile of one federated round: where the time of a round goes, top 10 hot spots.
 
 The real ServerApp round loop, strategy and ClientApp (mods, Flower's message serialisation)
-run in one process (``server_app/inprocess.py``), so one cProfile sees the server and all 94
+run in one process (``benchmarks.harness``), so one cProfile sees the server and all 94
 clients of an ML-100K round. Schedule ``pretrain:3,finetune:3``; the profiler is on for exactly
 round 2 (pretrain) and round 5 (finetune): from the end of the round before to the end of the round
 (neither ends a stage, so neither validates or plots).
 
-    python benchmarks/profile_round.py --data-dir ../shared/data/ml-100k --shared ../shared/data
+    python -m benchmarks.profile_round --data-dir ../shared/data/ml-100k --shared ../shared/data
 """
 
 from __future__ import annotations
@@ -21,23 +21,21 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.common import app_defaults, ml100k_features  # noqa: E402
-from feddmmr_flower.data.sequences import atomic_write_json  # noqa: E402
-from feddmmr_flower.train import command_line, machine_description  # noqa: E402
+from benchmarks.common import ml100k_features
+from feddmmr_flower.atomic import atomic_write_json
+from feddmmr_flower.provenance import command_line, machine_description
 
 PROFILED_ROUNDS = {2: "pretrain", 5: "finetune"}
 # What the profiles led to (before = benchmarks/results/profile_round_before.json, the code before).
 ACTIONS = [
     "Flower's Array(ndarray) / Array.numpy() go through np.save / np.load, whose header parsing "
     "(ast.literal_eval: builtins.compile, ast._convert, _read_array_header) was the top non-torch cost: "
-    "client_app/wire.py now writes and reads the same .npy bytes directly (to_array / from_array, 5x faster "
+    "feddmmr_wire/arrays.py now writes and reads the same .npy bytes directly (to_array / from_array, 5x faster "
     "per array, byte-identical, tested).",
     "The ClientApp unpacked the packed model into ~55 Flower Arrays and read them straight back: it now reads "
-    "the packed vector itself (read_arrays) and packs its reply (arrays_record); the mod only unpacks when a "
+    "the packed vector itself (read_arrays) and packs its reply (arrays_records); the mod only unpacks when a "
     "DP mod needs named arrays.",
     "The server unpacked every reply into ~55 Flower Arrays, read them back to check them, and Flower's base "
     "strategy read them once more per array (aggregate_train 0.6 s of a profiled round): the server now reads "
@@ -85,12 +83,10 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results/profile_round.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from server_app import federation
-    from server_app.inprocess import run_federation
+    from benchmarks.harness import run_federation
 
     tmp = tempfile.mkdtemp(prefix="profile-round-")
     config = {
-        **app_defaults(),
         "data-dir": args.data_dir,
         "cache-dir": args.cache_dir,
         **ml100k_features(args.shared),
@@ -104,10 +100,8 @@ def main() -> int:
     }
     profiles: dict[int, cProfile.Profile] = {}
     seconds: dict[int, float] = {}
-    original = federation.FederatedRun._save_round
 
-    def save_round(self, rnd: int, stage: str, valid) -> None:  # the profiler spans whole rounds
-        original(self, rnd, stage, valid)
+    def after_round(rnd: int) -> None:  # the profiler spans whole rounds
         if rnd in profiles:
             profiles[rnd].disable()
             seconds[rnd] = time.perf_counter() - seconds[rnd]
@@ -116,14 +110,13 @@ def main() -> int:
             seconds[rnd + 1] = time.perf_counter()
             profiles[rnd + 1].enable()
 
-    federation.FederatedRun._save_round = save_round
     from feddmmr_flower.config import ExperimentConfig
     from feddmmr_flower.experiment import load_data
 
     users = load_data(ExperimentConfig.from_flat(config))[0].num_users
-    run_federation(config, users)
+    run_federation(config, users, after_round=after_round)
     result = {
-        "command": "python " + command_line(),
+        "command": command_line(),
         "machine": machine_description(),
         "label": args.label,
         "clients_per_round": round(config["fraction-train"] * users),

@@ -1,6 +1,6 @@
 """The quality table on ML-100K: every row × 3 seeds, test split under both protocols, mean ± std.
 
-    python benchmarks/quality.py --data-dir ../shared/data/ml-100k --shared ../shared/data \
+    python -m benchmarks.quality --data-dir ../shared/data/ml-100k --shared ../shared/data \
         [--seeds 42,43,44] [--rows all] [--jobs 2]
 
 Rows (ROWS below): centralized SASRec and FedDMMR ``full``; FedAvg- and FedAdam-SASRec; FedDMMR
@@ -11,7 +11,7 @@ mean ± std (sample std over seeds) of every metric, the per-history-length brea
 targets and ``quality_curves.png`` (validation NDCG@10 vs round of the federated rows).
 
 Federated rows run the real ServerApp round loop, strategy and ClientApp (mods and Flower's
-message serialisation included) in one process (``server_app/inprocess.py``): the same code and
+message serialisation included) in one process (``benchmarks.harness``): the same code and
 outputs as ``flwr run``, without Ray. Model selection uses the validation split only; the test
 split is read once, for the selected model.
 """
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import app_defaults, ml100k_features, parse_overrides  # noqa: E402
+from benchmarks.common import ml100k_features, parse_overrides
+from benchmarks.quality_local import run_local_only
+from benchmarks.quality_table import quality_targets, summarise_row
 
 RESULTS = Path("benchmarks/results")
 PER_RUN = RESULTS / "quality"
@@ -64,7 +64,6 @@ ROWS: dict[str, tuple[str, str, dict]] = {
 }
 # central-full starts from the SASRec checkpoint of the same seed (stages 2-3 over a trained backbone).
 DEPENDS = {"central-full": "central-sasrec"}
-LOCAL_LRS, LOCAL_EPOCHS = (0.05, 2.0), (1, 3, 10)
 
 
 def data_flags(args) -> dict:
@@ -97,31 +96,32 @@ def run_central(row: str, seed: int, args) -> dict:
             command.append(f"--{key}" if value else f"--no-{key}")
         else:
             command += [f"--{key}", str(value)]
-    raw = OUT_ROOT / f"{row}-s{seed}.central.json"
-    subprocess.run(command + ["--results-json", str(raw)], check=True)
-    payload = json.loads(raw.read_text())
-    curve = [(r["epoch"], r["valid"]["NDCG@10"]) for r in payload["history"] if r.get("valid")]
+    subprocess.run(command, check=True)
+    folder = OUT_ROOT / f"{row}-s{seed}"
+    summary = json.loads((folder / "summary.json").read_text())
+    history = json.loads((folder / "history.json").read_text())["rounds"]
+    curve = [(r["round"], r["valid"]["NDCG@10"]) for r in history if r.get("valid")]
     return {
-        "test": payload["test"],
-        "by_history_length": payload["test_by_history_length"],
-        "best": payload["best_epoch"],
+        "test": {p: summary["test"][p] for p in ("sampled", "full")},
+        "by_history_length": summary["test_by_history_length"],
+        "best": summary["best_round"],
         "best_unit": "epoch",
-        "best_valid_NDCG@10": payload["best_valid"]["NDCG@10"],
-        "wall_time_s": payload["wall_time_s"],
+        "best_valid_NDCG@10": summary["best_valid_NDCG@10"],
+        "wall_time_s": summary["wall_time_s"],
         "curve": curve,
-        "central_command": payload["command"],
+        "central_command": summary["command"],
     }
 
 
 def run_federated(row: str, seed: int, args) -> dict:
+    from benchmarks.harness import run_federation
     from feddmmr_flower.config import ExperimentConfig
     from feddmmr_flower.evaluation import history_buckets
     from feddmmr_flower.experiment import load_data
-    from server_app.inprocess import run_federation
+    from feddmmr_wire import keys
 
     _, _, overrides = ROWS[row]
     flat = {
-        **app_defaults(),
         **data_flags(args),
         **overrides,
         "seed": seed,
@@ -133,9 +133,9 @@ def run_federated(row: str, seed: int, args) -> dict:
     per_user: list[dict] = []
 
     def tap(ins, _data, reply) -> None:  # the final test replies, one per user (for the breakdown)
-        config = ins.content.config_records.get("config")
-        if config is not None and config.get("split") == "test" and not reply.has_error():
-            per_user.append(dict(reply.content.metric_records["metrics"]))
+        config = ins.content.config_records.get(keys.CONFIG)
+        if config is not None and config.get(keys.SPLIT) == "test" and not reply.has_error():
+            per_user.append(dict(reply.content.metric_records[keys.METRICS]))
 
     summary = run_federation(flat, data.num_users, tap)
     history = json.loads((OUT_ROOT / f"{row}-s{seed}" / "history.json").read_text())["rounds"]
@@ -164,74 +164,7 @@ def run_federated(row: str, seed: int, args) -> dict:
 
 def run_local(row: str, seed: int, args) -> dict:
     """Each user trains its own model on its own sequence; lr and epochs chosen on validation."""
-    import torch
-
-    from feddmmr_flower.client import runtime_for
-    from feddmmr_flower.config import ExperimentConfig
-    from feddmmr_flower.evaluation import history_buckets
-
-    _, _, overrides = ROWS[row]
-    cfg = ExperimentConfig.from_flat(
-        {
-            **{k: v for k, v in data_flags(args).items() if k in ("data-dir", "cache-dir")},
-            "text-features": False,
-            **overrides,
-            "seed": seed,
-        }
-    )
-    torch.manual_seed(seed)
-    runtime = runtime_for(cfg)
-    initial = {k: v.detach().numpy().copy() for k, v in runtime.model.state_dict().items()}
-    started, users = time.perf_counter(), runtime.num_users
-    # results[(lr, epochs)][split] = per-user metric dicts
-    results: dict[tuple, dict[str, list]] = {
-        (lr, e): {"valid": [], "test": []} for lr in LOCAL_LRS for e in LOCAL_EPOCHS
-    }
-    for user in range(users):
-        for lr in LOCAL_LRS:
-            arrays = dict(initial)
-            for epoch in range(1, max(LOCAL_EPOCHS) + 1):
-                arrays.update(
-                    runtime.train(
-                        user, arrays, None, None, stage="pretrain", lr=lr, local_epochs=1, server_round=epoch
-                    ).arrays
-                )
-                if epoch in LOCAL_EPOCHS:
-                    for split in ("valid", "test"):
-                        metrics = runtime.evaluate(user, arrays, None, None, split=split).metrics
-                        results[(lr, epoch)][split].append(metrics)
-        if user % 100 == 99:
-            print(
-                f"[local-only] {user + 1}/{users} users, {time.perf_counter() - started:.0f}s",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def mean(rows: list[dict], prefix: str = "") -> dict:
-        return {m: float(np.mean([r[prefix + m] for r in rows])) for m in METRICS}
-
-    selection = {f"lr={lr},epochs={e}": mean(v["valid"])["NDCG@10"] for (lr, e), v in results.items()}
-    best = max(results, key=lambda key: mean(results[key]["valid"])["NDCG@10"])
-    test_rows = results[best]["test"]
-    buckets = {
-        name: {
-            "num_users": int(mask.sum()),
-            "sampled": mean([r for r, k in zip(test_rows, mask) if k]),
-            "full": mean([r for r, k in zip(test_rows, mask) if k], "full-"),
-        }
-        for name, mask in history_buckets(runtime.assets.data.train_lengths(np.arange(users))).items()
-    }
-    return {
-        "test": {"sampled": mean(test_rows), "full": mean(test_rows, "full-"), "num_users": users},
-        "by_history_length": buckets,
-        "best": best[1],
-        "best_unit": "local epochs",
-        "best_valid_NDCG@10": selection[f"lr={best[0]},epochs={best[1]}"],
-        "selected": {"lr": best[0], "epochs": best[1]},
-        "validation_grid": selection,
-        "wall_time_s": round(time.perf_counter() - started, 1),
-        "curve": [],
-    }
+    return run_local_only({**data_flags(args), **ROWS[row][2]}, seed, METRICS)
 
 
 RUNNERS = {"central": run_central, "federated": run_federated, "local": run_local}
@@ -240,8 +173,8 @@ RUNNERS = {"central": run_central, "federated": run_federated, "local": run_loca
 def run_one(row: str, seed: int, args) -> None:
     import torch
 
-    from feddmmr_flower.data.sequences import atomic_write_json
-    from feddmmr_flower.train import machine_description
+    from feddmmr_flower.atomic import atomic_write_json
+    from feddmmr_flower.provenance import machine_description
 
     torch.set_num_threads(1)
     kind, label, overrides = ROWS[row]
@@ -261,7 +194,7 @@ def run_one(row: str, seed: int, args) -> None:
         "kind": kind,
         "seed": seed,
         "overrides": overrides,
-        "command": f"python benchmarks/quality.py --data-dir {args.data_dir} --shared {args.shared} "
+        "command": f"python -m benchmarks.quality --data-dir {args.data_dir} --shared {args.shared} "
         f"--rows {row} --seeds {seed}" + "".join(f" --set {item}" for item in args.set),
         "machine": machine_description(),
         **result,
@@ -310,7 +243,8 @@ def schedule(tasks: list[tuple[str, int]], args) -> None:
             pending.remove(task)
             command = [
                 sys.executable,
-                __file__,
+                "-m",
+                "benchmarks.quality",
                 "--one",
                 row,
                 "--seeds",
@@ -335,107 +269,24 @@ def schedule(tasks: list[tuple[str, int]], args) -> None:
 
 
 # --------------------------------------------------------------- aggregation
-def _mean_std(values: list[float]) -> dict:
-    array = np.asarray(values, dtype=float)
-    return {
-        "mean": round(float(array.mean()), 5),
-        "std": round(float(array.std(ddof=1)) if len(array) > 1 else 0.0, 5),
-        "n": len(array),
-    }
-
-
-def _bucket_stat(runs: list[dict], bucket: str, protocol: str, metric: str) -> dict | None:
-    """Mean ± std over seeds of one bucket's metric (None for a bucket without users)."""
-    values = [
-        r["by_history_length"][bucket][protocol].get(metric)
-        for r in runs
-        if r["by_history_length"][bucket]["num_users"]
-    ]
-    values = [v for v in values if v is not None and v == v]
-    return _mean_std(values) if values else None
-
-
 def aggregate(seeds: list[int], args) -> dict:
-    from feddmmr_flower.data.sequences import atomic_write_json
+    from feddmmr_flower.atomic import atomic_write_json
     from feddmmr_flower.plots import plot_mean_curves
-    from feddmmr_flower.train import machine_description
+    from feddmmr_flower.provenance import command_line, machine_description
 
     rows = {}
     for row, (kind, label, overrides) in ROWS.items():
-        runs = [json.loads(result_path(row, s).read_text()) for s in seeds if result_path(row, s).is_file()]
-        if not runs:
-            continue
-        entry = {
-            "label": label,
-            "kind": kind,
-            "overrides": overrides,
-            "seeds": [r["seed"] for r in runs],
-            "files": [str(result_path(row, r["seed"])) for r in runs],
-        }
-        for protocol in ("sampled", "full"):
-            entry[protocol] = {m: _mean_std([r["test"][protocol][m] for r in runs]) for m in METRICS}
-        entry["best"] = _mean_std([r["best"] for r in runs])
-        entry["best_unit"] = runs[0]["best_unit"]
-        entry["wall_time_s"] = _mean_std([r["wall_time_s"] for r in runs])
-        entry["cpu_time_s"] = _mean_std([r["cpu_time_s"] for r in runs])
-        entry["by_history_length"] = {
-            name: {
-                "num_users": runs[0]["by_history_length"][name]["num_users"],
-                **{p: {m: _bucket_stat(runs, name, p, m) for m in ("NDCG@10", "HR@10")} for p in ("sampled", "full")},
-            }
-            for name in runs[0]["by_history_length"]
-        }
-        rounds = sorted({x for r in runs for x, _ in r["curve"]})
-        entry["curve"] = [
-            (x, *_mean_std([dict(r["curve"])[x] for r in runs if x in dict(r["curve"])]).values()) for x in rounds
-        ]
-        rows[row] = entry
-    targets = []
-
-    def ndcg(row: str, protocol: str = "sampled") -> float | None:
-        return rows[row][protocol]["NDCG@10"]["mean"] if row in rows else None
-
-    # "full with the best strategy": the one with the higher mean validation NDCG@10 (never the test split)
-    fed_full = [r for r in ("feddmmr-full-fedavg", "feddmmr-full-fedadam") if r in rows]
-    if fed_full:
-        chosen = max(
-            fed_full,
-            key=lambda r: np.mean([json.loads(Path(f).read_text())["best_valid_NDCG@10"] for f in rows[r]["files"]]),
-        )
-        # both FedDMMR full rows are judged (FedAvg: same aggregation as FedAvg-SASRec, so the model's own
-        # gain), and the one selected on validation is marked
-        for row in fed_full:
-            for protocol in ("sampled", "full"):
-                if "central-sasrec" in rows:
-                    value, bar = ndcg(row, protocol), ndcg("central-sasrec", protocol)
-                    targets.append(
-                        {
-                            "target": f"federated FedDMMR full ≥ centralized SASRec (test NDCG@10, {protocol})",
-                            "row": row,
-                            "selected": row == chosen,
-                            "value": value,
-                            "bar": bar,
-                            "met": value >= bar,
-                        }
-                    )
-                if "fedavg-sasrec" in rows:
-                    value, bar = ndcg(row, protocol), ndcg("fedavg-sasrec", protocol) * 1.03
-                    targets.append(
-                        {
-                            "target": f"FedDMMR full ≥ FedAvg-SASRec + 3% (test NDCG@10, {protocol})",
-                            "row": row,
-                            "selected": row == chosen,
-                            "value": value,
-                            "bar": round(bar, 5),
-                            "met": value >= bar,
-                        }
-                    )
+        files = [result_path(row, s) for s in seeds if result_path(row, s).is_file()]
+        if files:
+            runs = [json.loads(f.read_text()) for f in files]
+            rows[row] = {"label": label, "kind": kind, "overrides": overrides, **summarise_row(runs, files, METRICS)}
+    targets, chosen = quality_targets(rows)
     payload = {
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": command_line(),
         "machine": machine_description(),
         "seeds": seeds,
         "std": "sample std (ddof=1) over seeds",
-        "selected_full_row": fed_full and chosen,
+        "selected_full_row": chosen,
         "rows": rows,
         "targets": targets,
     }

@@ -1,6 +1,6 @@
 """Render the README's results section from ``benchmarks/results/*.json`` (never typed by hand).
 
-python benchmarks/render_readme.py            # rewrites the block between the markers in README.md
+python -m benchmarks.render_readme            # rewrites the block between the markers in README.md
 """
 
 from __future__ import annotations
@@ -11,6 +11,11 @@ from pathlib import Path
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 RESULTS = Path("benchmarks/results")
+#: What the floor of round_time results written before it recorded ``floor_method`` was.
+LEGACY_FLOOR = (
+    "the in-process loop of that time, which ran the same client computations (`ClientRuntime.train`) and a "
+    "re-implemented FedAvg/FedAdam aggregation in one process without Flower"
+)
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -39,11 +44,11 @@ def quality_section() -> list[str]:
     rows = data["rows"]
     seeds = ", ".join(map(str, data["seeds"]))
     lines = [
-        f"**Quality** (`quality_ml100k.json`, `python benchmarks/quality.py`; seeds {seeds}, mean ± sample std "
+        f"**Quality** (`quality_ml100k.json`, `python -m benchmarks.quality`; seeds {seeds}, mean ± sample std "
         "over the seeds that finished — column n). Test split of all 943 users with the model each run selected "
         "on the validation split. Federated rows: 943 clients, 10% sampled per round, the default 150-round "
         "schedule, run by the real ServerApp loop, strategy and ClientApp in one process "
-        "(`server_app/inprocess.py`, no Ray). Each run used one CPU thread, two runs at a time; *wall min* "
+        "(`benchmarks/harness/`, no Ray). Each run used one CPU thread, two runs at a time; *wall min* "
         "also counts pauses while the speed benchmarks ran, *CPU min* is the run's own compute.",
         "",
     ]
@@ -137,11 +142,10 @@ def round_time_section() -> list[str]:
     if data is None:
         return []
     lines = [
-        f"**Round time vs clients per round** (`round_time_ml100k.json`, `python benchmarks/round_time.py`): a "
+        f"**Round time vs clients per round** (`round_time_ml100k.json`, `python -m benchmarks.round_time`): a "
         f"real `flwr run` (Ray simulation, {data['users']} ML-100K users, FedDMMR full, one CPU per ClientApp so "
-        f"{data['cores']} at a time) against the floor, `benchmarks/inprocess_federation.py`, which runs the same "
-        "client computations and aggregation in one process without Flower (and that floor spread ideally "
-        "over the cores: floor / cores). Steady rounds (not the first, no validation). *client* = summed client training "
+        f"{data['cores']} at a time) against the floor, {data.get('floor_method', LEGACY_FLOOR)} (and that floor "
+        "spread ideally over the cores: floor / cores). Steady rounds (not the first, no validation). *client* = summed client training "
         "seconds / cores; *no-op Flower* = Flower's no-op app moving one model-sized array to the same number "
         "of clients and back.",
         "",
@@ -168,7 +172,7 @@ def scaling_section() -> list[str]:
         return []
     kinds = sorted({k for r in data["rows"] for k in r["memory_by_kind"]})
     lines = [
-        f"**Scaling with SYNTHETIC users** (`scaling_synthetic.json`, `python benchmarks/scaling.py`): users drawn "
+        f"**Scaling with SYNTHETIC users** (`scaling_synthetic.json`, `python -m benchmarks.scaling`): users drawn "
         "to match ML-100K's sequence lengths and item popularity (`benchmarks/synthetic_users.py`; no real "
         f"preferences, so time and memory only), {data['per_round']} sampled per round, a real `flwr run`, "
         "FedDMMR full with text features. Peak resident memory is per process (the largest of its kind).",
@@ -257,7 +261,7 @@ def profile_section() -> list[str]:
     if after is None:
         return []
     lines = [
-        f"**Profile of one federated round** (`profile_round.json`, `python benchmarks/profile_round.py`: "
+        f"**Profile of one federated round** (`profile_round.json`, `python -m benchmarks.profile_round`: "
         f"cProfile over the server and all {after['clients_per_round']} clients of one ML-100K round in one "
         "process, so times include the profiler's overhead)."
     ]

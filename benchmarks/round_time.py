@@ -4,15 +4,15 @@ For each number of sampled clients (default 10, 50, 100, 300 of ML-100K's 943 us
 
 * a real ``flwr run`` (Ray simulation, one CPU per ClientApp, so 2 at a time here) of FedDMMR
   ``full``, 5 pretrain + 5 finetune rounds, and
-* ``benchmarks/inprocess_federation.py``: the same client computations (``ClientRuntime.train``)
-  and aggregation in one process without Flower (the floor),
+* ``benchmarks.inprocess_federation``: the same ServerApp loop, strategy and ClientApp train
+  handler in one process, without Flower's transport (the floor),
 
 and reports the mean seconds of the steady rounds (not the first, not those with validation) per
 stage, split into client compute (summed client training seconds / parallel ClientApps) and the
 rest, and the ratio of the simulation to the floor (as run, in one process; and spread ideally
 over every core, floor / cores).
 
-    python benchmarks/round_time.py --data-dir ../shared/data/ml-100k --shared ../shared/data
+    python -m benchmarks.round_time --data-dir ../shared/data/ml-100k --shared ../shared/data
 """
 
 from __future__ import annotations
@@ -28,14 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import ml100k_features, parse_overrides  # noqa: E402
-from benchmarks.sim_lab import run_noop_simulation, run_simulation, steady_rounds  # noqa: E402
-from feddmmr_flower.data.sequences import atomic_write_json  # noqa: E402
-from feddmmr_flower.train import command_line, machine_description  # noqa: E402
+from benchmarks.common import ml100k_features, parse_overrides
+from benchmarks.sim_lab import run_noop_simulation, run_simulation, steady_rounds
+from feddmmr_flower.atomic import atomic_write_json
+from feddmmr_flower.provenance import command_line, machine_description
+from feddmmr_flower.run_record import TOTAL_CLIENT_TRAIN_SECONDS
 
 SCHEDULE = "pretrain:5,finetune:5"
+FLOOR_METHOD = (
+    "`python -m benchmarks.inprocess_federation`, the same ServerApp loop, strategy and ClientApp train handler "
+    "in one process without Flower's transport (no serialisation, mods, Ray or SuperLink)"
+)
 
 
 def base_config(args, out: Path, name: str, fraction: float) -> dict:
@@ -62,11 +65,7 @@ def per_stage(history: list[dict], cores: int) -> dict:
         if not rounds:
             continue
         seconds = float(np.mean([r["seconds"] for r in rounds]))
-        client = float(
-            np.mean(
-                [r.get("client_seconds", r.get("train", {}).get("total-client-train-seconds", 0.0)) for r in rounds]
-            )
-        )
+        client = float(np.mean([r["train"].get(TOTAL_CLIENT_TRAIN_SECONDS, 0.0) for r in rounds]))
         out[stage] = {
             "rounds": [r["round"] for r in rounds],
             "round_s": round(seconds, 3),
@@ -93,13 +92,14 @@ def floor(args, config: dict, out: Path) -> dict:
     overrides = " ".join(
         f"{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}"
         for k, v in config.items()
-        if k not in ("output-dir", "run-name", "final-test")
+        if k not in ("output-dir", "run-name")
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path.cwd())}
     subprocess.run(
         [
             sys.executable,
-            "benchmarks/inprocess_federation.py",
+            "-m",
+            "benchmarks.inprocess_federation",
             "--threads",
             "1",
             "--run-config",
@@ -194,10 +194,11 @@ def main() -> int:
                     }
                 )
     payload = {
-        "command": "python " + command_line(),
+        "command": command_line(),
         "machine": machine_description(),
         "cores": cores,
         "schedule": SCHEDULE,
+        "floor_method": FLOOR_METHOD,
         "users": args.users,
         "rows": rows,
         "targets": targets,

@@ -7,7 +7,7 @@ features, 4 pretrain + 4 finetune rounds, no final test. Reported per size: star
 round), mean steady round time per stage, and the peak resident memory of every process of the
 run (SuperLink, ServerApp, Ray workers running ClientApps, Ray daemons), plus a plot.
 
-    python benchmarks/scaling.py --source ../shared/data/ml-100k --shared ../shared/data
+    python -m benchmarks.scaling --source ../shared/data/ml-100k --shared ../shared/data
 """
 
 from __future__ import annotations
@@ -21,13 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import ml100k_features  # noqa: E402
-from benchmarks.sim_lab import DriverProfile, run_simulation, steady_rounds  # noqa: E402
-from benchmarks.synthetic_users import write_synthetic  # noqa: E402
-from feddmmr_flower.data.sequences import atomic_write_json  # noqa: E402
-from feddmmr_flower.train import command_line, machine_description  # noqa: E402
+from benchmarks.common import ml100k_features
+from benchmarks.sim_lab import DriverProfile, run_simulation, steady_rounds
+from benchmarks.synthetic_users import write_synthetic
+from feddmmr_flower.atomic import atomic_write_json
+from feddmmr_flower.provenance import command_line, machine_description
 
 SCHEDULE = "pretrain:4,finetune:4"
 
@@ -131,7 +129,7 @@ def main() -> int:
                 flush=True,
             )
     payload = {
-        "command": "python " + command_line(),
+        "command": command_line(),
         "machine": machine_description(),
         "synthetic": True,
         "schedule": SCHEDULE,

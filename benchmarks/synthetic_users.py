@@ -6,7 +6,7 @@ random order, with ratings drawn from ML-100K's ratings. The output is an ML-100
 (``u.data`` + the real ``u.item``, so item features are the real ones) with a ``SYNTHETIC.md``
 that says so. These users carry no real preferences: use them for time and memory, never quality.
 
-    python benchmarks/synthetic_users.py --source ../shared/data/ml-100k --users 100000 --out data/synthetic-100000
+    python -m benchmarks.synthetic_users --source ../shared/data/ml-100k --users 100000 --out data/synthetic-100000
 """
 
 from __future__ import annotations

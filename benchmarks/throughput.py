@@ -5,7 +5,7 @@ Central: ``train_epoch`` over batches of 128 ML-100K users (SASRec: the pretrain
 Per client: ``ClientRuntime.train`` for one user, as a ClientApp runs it (K-Means prototypes
 included). Median of repeated timings after a warm-up, same process, same threads.
 
-    python benchmarks/throughput.py --data-dir DATA --shared SHARED --out benchmarks/results/throughput_ml100k.json
+    python -m benchmarks.throughput --data-dir DATA --shared SHARED --out benchmarks/results/throughput_ml100k.json
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import ml100k_features  # noqa: E402
-from feddmmr_flower.client import runtime_for  # noqa: E402
-from feddmmr_flower.config import ExperimentConfig  # noqa: E402
-from feddmmr_flower.data.sequences import atomic_write_json  # noqa: E402
-from feddmmr_flower.experiment import build_model, load_assets, memory_config, prototype_config, train_config  # noqa: E402
-from feddmmr_flower.memory import LocalDynamicMemory  # noqa: E402
-from feddmmr_flower.stages import apply_stage  # noqa: E402
-from feddmmr_flower.train import central_prototypes, command_line, machine_description, train_epoch  # noqa: E402
+from benchmarks.common import ml100k_features
+from feddmmr_flower.atomic import atomic_write_json
+from feddmmr_flower.client import runtime_for
+from feddmmr_flower.config import ExperimentConfig
+from feddmmr_flower.experiment import build_model, load_assets, memory_config, prototype_config, train_config
+from feddmmr_flower.local_training import train_epoch
+from feddmmr_flower.memory import LocalDynamicMemory
+from feddmmr_flower.prototypes import central_prototypes
+from feddmmr_flower.provenance import command_line, machine_description
+from feddmmr_flower.stages import apply_stage
 
 
 def config(args, variant: str) -> ExperimentConfig:
@@ -90,7 +90,7 @@ def main() -> int:
     args = parser.parse_args()
     sasrec, full = config(args, "sasrec"), config(args, "full")
     result = {
-        "command": "python " + command_line(),
+        "command": command_line(),
         "machine": machine_description(),
         "central": {
             "sasrec": central(sasrec, "pretrain", args.batches, args.repeats),

@@ -17,7 +17,6 @@ from feddmmr_flower.evaluation import history_buckets
 from .conftest import synthetic_ml100k
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 TINY = [
     "--set",
@@ -56,7 +55,8 @@ def test_quality_table_runs_every_kind_of_row_and_aggregates_over_seeds(tmp_path
     rows = "central-sasrec,central-full,fedavg-sasrec,feddmmr-full-fedadam,local-only"
     command = [
         sys.executable,
-        "benchmarks/quality.py",
+        "-m",
+        "benchmarks.quality",
         "--data-dir",
         str(data),
         "--shared",
@@ -140,7 +140,7 @@ def test_memory_watch_sees_a_child_process_peak(tmp_path):
 
 
 def test_final_test_can_be_switched_off(tmp_path):
-    from server_app.inprocess import run_federation
+    from benchmarks.harness import run_federation
 
     data = synthetic_ml100k(tmp_path / "ml-100k", users=4, items=120)
     splits = []
@@ -175,3 +175,26 @@ def test_final_test_can_be_switched_off(tmp_path):
     assert "test" not in splits and "valid" in splits
     assert summary["test"]["sampled"] == {} and summary["best_round"] in (1, 2)
     assert (tmp_path / "out" / "no-test" / "best.pt").is_file()
+
+
+def test_the_floor_runs_the_server_loop_and_client_handler_in_one_process(tmp_path):
+    """benchmarks.inprocess_federation (round_time's floor): the real strategy and ClientApp train
+    handler without Flower's transport; its history has the federated shape round_time reads."""
+    data = synthetic_ml100k(tmp_path / "ml-100k", users=6, items=120)
+    out = tmp_path / "floor.json"
+    run_config = (
+        f"data-dir='{data}' cache-dir='{tmp_path / 'cache'}' stage-schedule='pretrain:2,finetune:2' hidden=16 "
+        "maxlen=20 negatives=10 eval-negatives=10 eval-users=2 eval-every=1000 fraction-train=0.5 final-test=false"
+    )
+    command = [sys.executable, "-m", "benchmarks.inprocess_federation", "--run-config", run_config, "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert payload["command"].startswith("python -m benchmarks.inprocess_federation --run-config")
+    rounds = payload["history"]
+    assert [r["stage"] for r in rounds] == ["pretrain", "pretrain", "finetune", "finetune"]
+    assert all(r["train"]["num-accepted"] == 3 and r["train"]["total-client-train-seconds"] > 0 for r in rounds)
+    bad = subprocess.run(
+        [*command[:4], "stage-schedule='warmup:2'", "--out", str(out)], cwd=REPO, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "warmup" in bad.stderr.strip().splitlines()[-1]

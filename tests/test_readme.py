@@ -19,7 +19,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import traceback
 from pathlib import Path
 
@@ -53,9 +52,9 @@ COVERED_ELSEWHERE = {
     "ray ": "tests/test_ray_cluster.py",
     "RAY_ADDRESS=": "tests/test_ray_cluster.py",
     "benchmarks/": "tests/test_readme.py::test_results_block_is_rendered_from_benchmark_results",
-    "python benchmarks/render_readme.py": "tests/test_readme.py::test_results_block_is_rendered_from_benchmark_results",
+    "python -m benchmarks.render_readme": "tests/test_readme.py::test_results_block_is_rendered_from_benchmark_results",
     # the benchmarks' machinery on tiny data; their full-size results are checked as rendered above
-    "python benchmarks/": "tests/test_benchmarks.py",
+    "python -m benchmarks.": "tests/test_benchmarks.py",
 }
 RUN_HERE = ("feddmmr ", "export ")
 QUICKSTART = "quickstart"  # run-name of the flwr run command that is run for real
@@ -301,14 +300,12 @@ def test_install_and_test_commands_are_what_ci_runs():
 def test_results_block_is_rendered_from_benchmark_results(monkeypatch):
     """The README's results block is exactly what benchmarks/render_readme.py makes of benchmarks/results."""
     monkeypatch.chdir(REPO)
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    import render_readme
+    from benchmarks import render_readme
 
     text = README.read_text()
     block = text[text.index(render_readme.START) : text.index(render_readme.END) + len(render_readme.END)]
-    assert block == render_readme.render(), "README results block is stale: run python benchmarks/render_readme.py"
+    assert block == render_readme.render(), "README results block is stale: run python -m benchmarks.render_readme"
     deploy = text[
         text.index(render_readme.DEPLOY_START) : text.index(render_readme.DEPLOY_END) + len(render_readme.DEPLOY_END)
     ]
     assert deploy == render_readme.render_deployment(), "README deployment figures are stale: run render_readme.py"
-    sys.modules.pop("render_readme", None)
