@@ -58,7 +58,7 @@ class ServerCerts:
     server_key: Path
 
 
-def _check_host(host: str) -> x509.GeneralName:
+def check_host(host: str) -> x509.GeneralName:
     host = host.strip()
     if not host:
         raise CertError("empty host name: pass the name or IP address SuperNodes use to reach the SuperLink")
@@ -79,7 +79,7 @@ def subject_alt_names(hosts: list[str], include_defaults: bool = True) -> list[x
         hosts = [hosts]
     names: list[x509.GeneralName] = []
     for host in [*hosts, *(DEFAULT_SANS if include_defaults else ())]:
-        name = _check_host(host)
+        name = check_host(host)
         if name not in names:
             names.append(name)
     if not names:

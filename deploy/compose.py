@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from .certs import CertError, _check_host
+from .certs import CertError, check_host
 
 DEFAULT_NODES = 3
 DEFAULT_HOST = "superlink.example.org"
@@ -104,7 +104,7 @@ def _check(nodes: int, host: str, port: int) -> str:
     if not host or not str(host).strip():
         raise ComposeError("--host is required: the name or IP address SuperNodes use to reach the SuperLink")
     try:
-        _check_host(str(host))
+        check_host(str(host))
     except CertError as exc:
         raise ComposeError(str(exc)) from None
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:

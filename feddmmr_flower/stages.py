@@ -90,11 +90,6 @@ class StageSchedule:
     def total_rounds(self) -> int:
         return self.segments[-1].last_round
 
-    @property
-    def boundaries(self) -> list[StageSegment]:
-        """Non-empty segments in order, with their first and last round."""
-        return list(self.segments)
-
     def segment_for_round(self, server_round: int) -> StageSegment:
         if not 1 <= server_round <= self.total_rounds:
             raise ConfigError(

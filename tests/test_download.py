@@ -77,7 +77,7 @@ def test_existing_files_mean_no_download(tmp_path, tiny_ml100k, monkeypatch):
     def no_fetch(url, target):
         raise AssertionError(f"download attempted: {url}")
 
-    monkeypatch.setattr(download, "_fetch", no_fetch)
+    monkeypatch.setattr(download, "fetch", no_fetch)
     before = files_under(tiny_ml100k)
     assert ensure_dataset("ml-100k", tiny_ml100k, url=(tmp_path / "missing.zip").as_uri()) == tiny_ml100k
     assert ensure_dataset("ml-100k", tiny_ml100k, download=False) == tiny_ml100k
@@ -150,7 +150,7 @@ def test_prepare_end_to_end_through_download(tmp_path, ml100k_zip, tiny_sequence
     assert {u: data.sequence(i).tolist() for i, u in enumerate(data.user_raw_ids)} == tiny_sequences
     assert data.item_titles[1] == "Toy Story (1995)"
     # second call: files present, cache hit, neither download nor build
-    monkeypatch.setattr(download, "_fetch", lambda *a: pytest.fail("downloaded twice"))
+    monkeypatch.setattr(download, "fetch", lambda *a: pytest.fail("downloaded twice"))
     monkeypatch.setattr(prepare_module, "build_sequences", lambda *a: pytest.fail("built twice"))
     again, folder2 = prepare_dataset(PrepareOptions("ml-100k"), data_dir, cache, verbose=False)
     assert folder2 == folder

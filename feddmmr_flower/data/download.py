@@ -49,7 +49,7 @@ def file_digest(path: Path, algorithm: str = "md5") -> str:
     return digest.hexdigest()
 
 
-def _fetch(url: str, target: Path) -> None:
+def fetch(url: str, target: Path) -> None:
     """Copy ``url`` to ``target``, showing progress for long downloads."""
     try:
         with urllib.request.urlopen(url, timeout=60) as response, target.open("wb") as out:
@@ -94,7 +94,7 @@ def ensure_dataset(
     with tempfile.TemporaryDirectory(dir=data_dir, prefix=".download-") as tmp:
         archive = Path(tmp) / "archive.zip"
         try:
-            _fetch(url, archive)
+            fetch(url, archive)
         except MissingDataError as exc:  # say which folder lacked the files, not only the URL
             raise MissingDataError(f"{data_dir} lacks {', '.join(missing)} for {name}, and {exc}") from None
         if expected is not None:

@@ -12,7 +12,6 @@ from .store import (
     compute_item_features,
     compute_or_load_features,
     features_summary,
-    run_features,
 )
 from .text import DEFAULT_TEXT_MODEL, encode_texts, item_texts, load_descriptions
 from .visual import DEFAULT_CLIP_MODEL, RANDOM_INIT, encode_images, poster_paths
@@ -32,5 +31,4 @@ __all__ = [
     "item_texts",
     "load_descriptions",
     "poster_paths",
-    "run_features",
 ]
