@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
@@ -54,6 +54,7 @@ from .prototypes import PrototypeOptions, merge_prototypes, prototype_payload
 
 logger = logging.getLogger("flwr.feddmmr")
 
+Outcome = TypeVar("Outcome", Accepted, NodeOutcome)
 #: stage -> names of the arrays trained in it (a callable or a dict).
 TrainableNames = Callable[[str], Iterable[str]] | Mapping[str, Iterable[str]]
 
@@ -211,7 +212,7 @@ class FedDMMRStrategy(Strategy):
             logger.warning("Round %d: no usable train reply, global model unchanged", server_round)
         return arrays, self.round_metrics(server_round, accepted, replies.metrics)
 
-    def _with_partition(self, item: Accepted | NodeOutcome) -> Any:
+    def _with_partition(self, item: Outcome) -> Outcome:
         """Learn node -> partition from replies that say it; name the partition of those that do not."""
         if item.partition_id is not None:
             self.partition_of[item.node_id] = item.partition_id
