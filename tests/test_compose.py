@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from deploy import compose
+from deploy import compose, proxy
 from deploy.certs import CertError, make_ca_and_server_cert, make_deployment, make_node_keys
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +37,8 @@ COMPOSE_VARS = (
     "FEDDMMR_NODES_DIR",
     "FEDDMMR_SERVER_DIR",
     "FEDDMMR_IMAGE_TAG",
+    "FEDDMMR_PROXY_IMAGE",
+    "SUPERLINK_CONTROL_ADDRESS",
     "COMPOSE_FILE",
     "COMPOSE_PROJECT_NAME",
 )
@@ -106,6 +108,42 @@ def mounts(service: dict) -> dict[str, tuple[str, str]]:
     return out
 
 
+def published(service: dict) -> dict[int, tuple[str, int]]:
+    """container port -> (host address, host port), short (v1) and long (v2) port syntax."""
+    out = {}
+    for entry in service.get("ports", []):
+        if isinstance(entry, dict):
+            out[int(entry["target"])] = (entry.get("host_ip", ""), int(entry["published"]))
+        else:
+            *host, port, target = str(entry).split("/")[0].split(":")
+            out[int(target)] = (host[0] if host else "", int(port))
+    return out
+
+
+def check_proxy_layout(config: dict, public_port: int = 8000) -> None:
+    """Issue #19: nothing but the proxy is published; the SuperLink and its SuperExec sit on an
+    internal network; node hosts reach only the proxy's node-facing port; the Control API is
+    published on the host's loopback only."""
+    services = config["services"]
+    assert config["networks"][compose.LINK_NETWORK].get("internal") is True
+    assert "ports" not in services["superlink"], "the SuperLink must not be published"
+    assert set(services["superlink"]["networks"]) == {compose.LINK_NETWORK}
+    assert set(services["superexec-serverapp"]["networks"]) == {compose.LINK_NETWORK}
+    edge = services["superlink-proxy"]
+    assert set(edge["networks"]) == {"default", compose.LINK_NETWORK}
+    assert published(edge) == {
+        proxy.NODE_PORT: ("", public_port),
+        proxy.OPERATOR_PORT: ("127.0.0.1", proxy.OPERATOR_PORT),
+    }
+    source, mode = mounts(edge)[proxy.CONTAINER_CONF]
+    assert mode == "ro" and source.endswith(proxy.COMPOSE_CONF)
+    for name, svc in services.items():
+        if name != "superlink-proxy":
+            assert "ports" not in svc, f"{name} must not be published"
+        if name.startswith(("supernode-", "superexec-clientapp-")):
+            assert compose.LINK_NETWORK not in (svc.get("networks") or {}), f"{name} must not reach the SuperLink"
+
+
 def by_image(config: dict, prefix: str) -> dict[str, dict]:
     return {name: svc for name, svc in config["services"].items() if str(svc.get("image", "")).startswith(prefix)}
 
@@ -164,6 +202,7 @@ def check_layout(config: dict, nodes: int, gpu: bool = False) -> None:
         else:
             assert not devices
     assert len(data) == nodes and len(state) == nodes, "every node needs its own data folder and state volume"
+    check_proxy_layout(config)
 
 
 # ------------------------------------------------------------------ generator
@@ -206,7 +245,7 @@ def test_generator_rejects_bad_input_in_one_line(args, message):
 
 def test_generator_bakes_in_host_and_port(tmp_path):
     doc = yaml.safe_load(generate(tmp_path, "--nodes", "2", "--host", "10.1.2.3", "--port", "9443").read_text())
-    assert doc["services"]["superlink"]["ports"] == ["${SUPERLINK_PORT:-9443}:8000"]
+    assert doc["services"]["superlink-proxy"]["ports"][0] == "${SUPERLINK_PORT:-9443}:8000"
     for i in range(2):
         assert (
             flag(doc["services"][f"supernode-{i}"]["command"], "--superlink") == "${SUPERLINK_ADDRESS:-10.1.2.3:9443}"
@@ -223,8 +262,11 @@ def test_generated_compose_resolves_to_the_layout(compose_tool, tmp_path, nodes)
     check_layout(config, nodes)
     # default: SuperNodes dial the public host; SUPERLINK_ADDRESS re-points them (one-host trial)
     assert flag(config["services"]["supernode-0"]["command"], "--superlink") == "superlink.example.org:8000"
-    one_host = resolved(compose_tool, base, env={"SUPERLINK_ADDRESS": "superlink:8000"})
-    assert flag(one_host["services"][f"supernode-{nodes - 1}"]["command"], "--superlink") == "superlink:8000"
+    one_host = resolved(compose_tool, base, env={"SUPERLINK_ADDRESS": "superlink-proxy:8000"})
+    assert flag(one_host["services"][f"supernode-{nodes - 1}"]["command"], "--superlink") == "superlink-proxy:8000"
+    # the operator's Control API port can move to an address only the operator reaches (e.g. a VPN)
+    vpn = resolved(compose_tool, base, env={"SUPERLINK_CONTROL_ADDRESS": "10.8.0.1:9443"})
+    assert published(vpn["services"]["superlink-proxy"])[proxy.OPERATOR_PORT] == ("10.8.0.1", 9443)
     # --gpu: one file with the override built in
     check_layout(
         resolved(compose_tool, generate(tmp_path / "gpu", "--nodes", str(nodes), "--host", "h", "--gpu")),
@@ -258,7 +300,7 @@ def test_certificate_layout_matches_compose_mounts(compose_tool, tmp_path):
             if source.startswith(certs_root):
                 assert Path(source).is_file(), f"compose mounts {source}, which deploy.certs did not write"
                 checked += 1
-    assert checked == 4 + 2 + 3 * 4  # superlink 4, serverapp 2, per node 3 (supernode) + 1 (clientapp)
+    assert checked == 4 + 3 + 2 + 3 * 4  # superlink 4, proxy 3, serverapp 2, per node 3 (supernode) + 1 (clientapp)
     assert not (made.superlink / "ca.key").exists(), "the CA key must not sit with the SuperLink's files"
 
 
@@ -293,7 +335,7 @@ def _tls_handshake(certs, server_name: str, ca_file: Path) -> None:
 
 def test_server_certificate_passes_tls_for_its_names_only(tmp_path):
     certs = make_ca_and_server_cert(tmp_path, ["superlink.example.org", "10.0.0.7"])
-    for name in ("superlink.example.org", "superlink", "localhost", "127.0.0.1", "10.0.0.7"):
+    for name in ("superlink.example.org", "superlink", "superlink-proxy", "localhost", "127.0.0.1", "10.0.0.7"):
         _tls_handshake(certs, name, certs.ca_cert)
     with pytest.raises(ssl.SSLCertVerificationError):
         _tls_handshake(certs, "other.example.org", certs.ca_cert)
