@@ -54,6 +54,12 @@ UPSTREAM_NAME = DEFAULT_SANS[0]  # "superlink": in every SuperLink certificate d
 # Every Fleet and Control RPC of Flower 1.41 (pull-messages, start-run, ...): no dots, slashes or query.
 FLEET_PATH = r"^/v1/fleet/[a-z][a-z-]*$"
 CONTROL_PATH = r"^/v1/control/[a-z][a-z-]*$"
+# One line of the access log (log_format "timed" in render()): listener port, client, method, path,
+# status, bytes in, bytes out, total seconds, seconds waiting for the SuperLink ("-" when not proxied).
+ACCESS_LOG_LINE = re.compile(
+    r'^(?P<port>\d+) (?P<client>\S+) \[[^\]]+\] "(?P<method>\S+) (?P<path>\S+) [^"]*" (?P<status>\d+) '
+    r"(?P<bytes_in>\d+) (?P<bytes_out>\d+) rt=(?P<seconds>[\d.]+) urt=(?P<upstream>[\d.]+|-) "
+)
 _UNSAFE = re.compile(r"[\"'\\$;{}#\s]")  # would break out of, or be expanded in, an nginx directive
 _UNSAFE_PATH = re.compile(r"[\"'\\$;{}#\x00-\x1f]")
 
@@ -185,8 +191,8 @@ def render(layout: ProxyLayout) -> str:
         "http {",
         "    default_type text/plain;",
         "    server_tokens off;",
-        "    # per request: listener port, client, total time and time waiting for the SuperLink",
-        "    log_format timed '$server_port $remote_addr [$time_local] \"$request\" $status $body_bytes_sent '",
+        "    # per request: listener port, client, bytes in/out, total time and time waiting for the SuperLink",
+        "    log_format timed '$server_port $remote_addr [$time_local] \"$request\" $status $request_length $bytes_sent '",
         "                     'rt=$request_time urt=$upstream_response_time uct=$upstream_connect_time';",
         f"    access_log {access} timed;",
         *temp,

@@ -13,6 +13,7 @@ operator, whose ``flwr`` CLI then runs on the SuperLink host. Without it: the ol
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -149,6 +150,8 @@ class Deployment:
         )
 
     def register_nodes(self) -> None:
+        """Register every node key (operator); ``node_ids[i]`` is node i's id on the SuperLink."""
+        self.node_ids: list[int] = []
         for node_dir in self.certs.nodes:
             done = self.cli_run(
                 [str(BIN / "flwr"), "supernode", "register", str(node_dir / "node.pub"), "deployment"],
@@ -156,6 +159,7 @@ class Deployment:
                 timeout=60,
             )
             assert done.returncode == 0, done.stdout + done.stderr
+            self.node_ids.append(int(re.search(r"SuperNode (\d+) registered", done.stdout).group(1)))
 
     def start_node(self, i: int) -> None:
         keys, disk = self.certs.nodes[i], self.root / f"node{i}"

@@ -78,8 +78,10 @@ def test_node_facing_address_serves_only_the_fleet_api(link):
     lines = [line for line in (link.root / "proxy" / "access.log").read_text().splitlines() if line.startswith(port)]
     assert len(lines) == len(got)  # every probe was answered (and logged) by the node-facing listener
     for line in lines:
-        if line.split('" ', 1)[1].startswith(("400", "403", "404")):
-            assert "urt=-" in line, line
+        entry = proxy.ACCESS_LOG_LINE.match(line)
+        assert entry, line
+        if entry["status"] in ("400", "403", "404"):
+            assert entry["upstream"] == "-", line
 
 
 def test_operator_facing_address_serves_only_the_control_api(link):
