@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from deploy import compose, proxy
+from deploy import compose
 from deploy.certs import CertError, make_ca_and_server_cert, make_deployment, make_node_keys
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,42 +108,6 @@ def mounts(service: dict) -> dict[str, tuple[str, str]]:
     return out
 
 
-def published(service: dict) -> dict[int, tuple[str, int]]:
-    """container port -> (host address, host port), short (v1) and long (v2) port syntax."""
-    out = {}
-    for entry in service.get("ports", []):
-        if isinstance(entry, dict):
-            out[int(entry["target"])] = (entry.get("host_ip", ""), int(entry["published"]))
-        else:
-            *host, port, target = str(entry).split("/")[0].split(":")
-            out[int(target)] = (host[0] if host else "", int(port))
-    return out
-
-
-def check_proxy_layout(config: dict, public_port: int = 8000) -> None:
-    """Issue #19: nothing but the proxy is published; the SuperLink and its SuperExec sit on an
-    internal network; node hosts reach only the proxy's node-facing port; the Control API is
-    published on the host's loopback only."""
-    services = config["services"]
-    assert config["networks"][compose.LINK_NETWORK].get("internal") is True
-    assert "ports" not in services["superlink"], "the SuperLink must not be published"
-    assert set(services["superlink"]["networks"]) == {compose.LINK_NETWORK}
-    assert set(services["superexec-serverapp"]["networks"]) == {compose.LINK_NETWORK}
-    edge = services["superlink-proxy"]
-    assert set(edge["networks"]) == {"default", compose.LINK_NETWORK}
-    assert published(edge) == {
-        proxy.NODE_PORT: ("", public_port),
-        proxy.OPERATOR_PORT: ("127.0.0.1", proxy.OPERATOR_PORT),
-    }
-    source, mode = mounts(edge)[proxy.CONTAINER_CONF]
-    assert mode == "ro" and source.endswith(proxy.COMPOSE_CONF)
-    for name, svc in services.items():
-        if name != "superlink-proxy":
-            assert "ports" not in svc, f"{name} must not be published"
-        if name.startswith(("supernode-", "superexec-clientapp-")):
-            assert compose.LINK_NETWORK not in (svc.get("networks") or {}), f"{name} must not reach the SuperLink"
-
-
 def by_image(config: dict, prefix: str) -> dict[str, dict]:
     return {name: svc for name, svc in config["services"].items() if str(svc.get("image", "")).startswith(prefix)}
 
@@ -202,7 +166,6 @@ def check_layout(config: dict, nodes: int, gpu: bool = False) -> None:
         else:
             assert not devices
     assert len(data) == nodes and len(state) == nodes, "every node needs its own data folder and state volume"
-    check_proxy_layout(config)
 
 
 # ------------------------------------------------------------------ generator
@@ -264,9 +227,6 @@ def test_generated_compose_resolves_to_the_layout(compose_tool, tmp_path, nodes)
     assert flag(config["services"]["supernode-0"]["command"], "--superlink") == "superlink.example.org:8000"
     one_host = resolved(compose_tool, base, env={"SUPERLINK_ADDRESS": "superlink-proxy:8000"})
     assert flag(one_host["services"][f"supernode-{nodes - 1}"]["command"], "--superlink") == "superlink-proxy:8000"
-    # the operator's Control API port can move to an address only the operator reaches (e.g. a VPN)
-    vpn = resolved(compose_tool, base, env={"SUPERLINK_CONTROL_ADDRESS": "10.8.0.1:9443"})
-    assert published(vpn["services"]["superlink-proxy"])[proxy.OPERATOR_PORT] == ("10.8.0.1", 9443)
     # --gpu: one file with the override built in
     check_layout(
         resolved(compose_tool, generate(tmp_path / "gpu", "--nodes", str(nodes), "--host", "h", "--gpu")),

@@ -2,7 +2,8 @@
 SuperLink (TLS, SuperNode authentication) and real nginx processes with deploy/proxy.py's
 configuration. What a node host can reach is checked from its own network namespace in
 test_deployment.py; here, what each listener routes where, request by request, whatever the
-request line looks like, and that the proxy checks the SuperLink's certificate.
+request line looks like, that the proxy checks the SuperLink's certificate, and that the compose
+files (resolved by the real ``docker-compose config``) publish nothing but the proxy.
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ import sys
 
 import pytest
 
-from deploy import proxy
+from deploy import compose, proxy
 from deploy.certs import make_ca_and_server_cert
 
+from . import test_compose
 from .deployment_lab import Deployment, require_nginx
 from .flwr_utils import REPO, free_port, processes_matching
 from .netlab import NetLab, wait_for_line
+from .test_compose import COMMITTED, generate, mounts, resolved
+
+compose_tool = test_compose.compose_tool  # the fixture: docker-compose v1 (and v2 where installed)
 
 pytestmark = [pytest.mark.deployment]
 
@@ -56,6 +61,48 @@ def start_nginx(deployment: Deployment, name: str, layout: proxy.ProxyLayout) ->
     conf = proxy.write_config(layout, deployment.root / name / "nginx.conf")
     deployment.start(name, deployment.link, proxy.nginx_command(conf, deployment.root / name, require_nginx()))
     wait_for_line(deployment.root / name / "error.log", "start worker process", timeout=30)
+
+
+def published(service: dict) -> dict[int, tuple[str, int]]:
+    """container port -> (host address, host port), short (v1) and long (v2) port syntax."""
+    out = {}
+    for entry in service.get("ports", []):
+        if isinstance(entry, dict):
+            out[int(entry["target"])] = (entry.get("host_ip", ""), int(entry["published"]))
+        else:
+            *host, port, target = str(entry).split("/")[0].split(":")
+            out[int(target)] = (host[0] if host else "", int(port))
+    return out
+
+
+def check_isolation(config: dict, public_port: int = 8000) -> None:
+    """Only the proxy is published (the Control API on the host's loopback); the SuperLink and its
+    SuperExec sit on an internal network that no node service joins."""
+    services = config["services"]
+    assert config["networks"][compose.LINK_NETWORK].get("internal") is True
+    assert set(services["superlink"]["networks"]) == {compose.LINK_NETWORK}
+    assert set(services["superexec-serverapp"]["networks"]) == {compose.LINK_NETWORK}
+    edge = services["superlink-proxy"]
+    assert set(edge["networks"]) == {"default", compose.LINK_NETWORK}
+    assert published(edge) == {
+        proxy.NODE_PORT: ("", public_port),
+        proxy.OPERATOR_PORT: ("127.0.0.1", proxy.OPERATOR_PORT),
+    }
+    source, mode = mounts(edge)[proxy.CONTAINER_CONF]
+    assert mode == "ro" and source.endswith(proxy.COMPOSE_CONF)
+    for name, svc in services.items():
+        assert name == "superlink-proxy" or "ports" not in svc, f"{name} must not be published"
+        if name.startswith(("supernode-", "superexec-clientapp-")):
+            assert compose.LINK_NETWORK not in (svc.get("networks") or {}), f"{name} must not reach the SuperLink"
+
+
+def test_compose_files_publish_only_the_proxy(compose_tool, tmp_path):
+    check_isolation(resolved(compose_tool, COMMITTED))
+    base = generate(tmp_path, "--nodes", "2", "--host", "superlink.example.org", "--port", "9443")
+    check_isolation(resolved(compose_tool, base), public_port=9443)
+    # the operator's Control API can move to an address only the operator reaches (e.g. a VPN)
+    vpn = resolved(compose_tool, base, env={"SUPERLINK_CONTROL_ADDRESS": "10.8.0.1:9443"})
+    assert published(vpn["services"]["superlink-proxy"])[proxy.OPERATOR_PORT] == ("10.8.0.1", 9443)
 
 
 def test_committed_compose_config_is_the_generator_output():
