@@ -3,6 +3,7 @@ and ``--set KEY=VALUE`` overrides."""
 
 from __future__ import annotations
 
+import argparse
 import tomllib
 from pathlib import Path
 
@@ -28,3 +29,15 @@ def ml100k_features(shared: str | Path, *, visual: bool = True, absolute: bool =
 def parse_overrides(items: list[str]) -> dict:
     """``["hidden=16", 'stage-schedule="pretrain:2"']`` -> {"hidden": 16, "stage-schedule": "pretrain:2"} (TOML values)."""
     return tomllib.loads("\n".join(f"{key.strip()} = {value}" for key, value in (i.split("=", 1) for i in items)))
+
+
+def parse_deployment_size(parser: argparse.ArgumentParser, rounds: int, out: str) -> argparse.Namespace:
+    """``--nodes``/``--rounds``/``--out`` of the deployment benchmarks, parsed and checked (round 1 is
+    start-up, so a steady round needs at least 2)."""
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--out", default=out)
+    args = parser.parse_args()
+    if args.nodes < 1 or args.rounds < 2:
+        parser.error("--nodes must be >= 1 and --rounds >= 2 (round 1 is start-up)")
+    return args

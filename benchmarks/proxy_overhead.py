@@ -31,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import parse_deployment_size  # noqa: E402
 from benchmarks.deployment_overhead import steady  # noqa: E402
 from deploy.proxy import ACCESS_LOG_LINE  # noqa: E402
 from feddmmr_flower.data.sequences import atomic_write_json  # noqa: E402
@@ -103,12 +104,7 @@ def one_layout(root: Path, nodes: int, rounds: int, proxied: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nodes", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "proxy_overhead.json"))
-    args = parser.parse_args()
-    if args.nodes < 1 or args.rounds < 2:
-        parser.error("--nodes must be >= 1 and --rounds >= 2 (round 1 is start-up)")
+    args = parse_deployment_size(parser, 4, str(REPO / "benchmarks" / "results" / "proxy_overhead.json"))
     root = Path(tempfile.mkdtemp(prefix="feddmmr-proxy-bench-"))
     order = ("direct", "proxy", "proxy", "direct")
     runs: dict[str, list[dict]] = {"direct": [], "proxy": []}
