@@ -3,6 +3,7 @@ overrides (``--set KEY=VALUE``, ``--run-config "k=v k2='text'"``) read by Flower
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -29,3 +30,15 @@ def parse_overrides(items: list[str]) -> dict:
     except ClickException as exc:
         print(f"benchmark: error: run-config overrides {items!r}: {exc.message}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def parse_deployment_size(parser: argparse.ArgumentParser, rounds: int, out: str) -> argparse.Namespace:
+    """``--nodes``/``--rounds``/``--out`` of the deployment benchmarks, parsed and checked (round 1 is
+    start-up, so a steady round needs at least 2)."""
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--out", default=out)
+    args = parser.parse_args()
+    if args.nodes < 1 or args.rounds < 2:
+        parser.error("--nodes must be >= 1 and --rounds >= 2 (round 1 is start-up)")
+    return args

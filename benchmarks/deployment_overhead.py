@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import parse_deployment_size
 from feddmmr_flower.atomic import atomic_write_json
 from feddmmr_flower.config import ExperimentConfig
 from feddmmr_flower.experiment import load_assets
@@ -69,12 +70,7 @@ def main() -> None:
     parser.add_argument("--data-dir", required=True, help="ML-100K folder (u.data, u.item)")
     parser.add_argument("--descriptions", default="", help="item descriptions JSON for the text features")
     parser.add_argument("--cache-dir", default=str(REPO / "data" / "cache"))
-    parser.add_argument("--nodes", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "deployment_overhead.json"))
-    args = parser.parse_args()
-    if args.nodes < 1 or args.rounds < 2:
-        parser.error("--nodes must be >= 1 and --rounds >= 2 (round 1 is start-up)")
+    args = parse_deployment_size(parser, 5, str(REPO / "benchmarks" / "results" / "deployment_overhead.json"))
 
     root = Path(tempfile.mkdtemp(prefix="feddmmr-deploy-bench-"))
     config = {

@@ -4,9 +4,11 @@ Why Python and not an openssl script: the deployment test imports these function
 ``cryptography`` is already installed with flwr. What Flower 1.41 expects:
 
 * SuperLink: ``--ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key``. One
-  HTTPS port serves the Fleet, Control and Runtime APIs, so the server certificate must name every
-  address it is reached at: the public host name the SuperNodes dial, ``superlink`` (the compose
-  service name its SuperExec dials) and localhost for ``flwr`` on the host itself.
+  HTTPS port serves the Fleet, Control and Runtime APIs; the nginx proxy in front of it
+  (``deploy/proxy.py``) presents the same certificate. So it must name every address either is
+  reached at: the public host name the SuperNodes dial, ``superlink`` (the compose service its
+  SuperExec dials, and the name the proxy checks), ``superlink-proxy`` (what SuperNodes dial when
+  everything runs on one host) and localhost for ``flwr`` on the host itself.
 * SuperNode / SuperExec / ``flwr`` CLI: the CA certificate (``--root-certificates``,
   ``root-certificates = "/abs/path/ca.crt"`` in ``$FLWR_HOME/config.toml``).
 * SuperNode authentication: an EC key pair on a NIST curve; the private key in OpenSSH format
@@ -14,7 +16,8 @@ Why Python and not an openssl script: the deployment test imports these function
   with ``flwr supernode register node.pub <connection>``.
 * SuperExec authentication (experimental in 1.41): a shared secret file read as raw bytes by a
   SuperLink/SuperNode and its SuperExec (``--superexec-auth-secret-file``). The SuperLink's Runtime
-  API shares the public port, so without it anyone who can reach that port could pull ServerApp tasks.
+  API shares its port: the proxy keeps node hosts away from it, the secret keeps out anything else
+  that reaches the SuperLink (other processes on its host or network) from pulling ServerApp tasks.
 
 CLI: ``python -m deploy.certs --host superlink.example.org --nodes 3 [--out deploy/certs] [--force]``.
 """
@@ -37,8 +40,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-# Always in the server certificate: the compose service name and the loopback addresses.
-DEFAULT_SANS = ("superlink", "localhost", "127.0.0.1", "::1")
+# Always in the server certificate: the compose service names and the loopback addresses.
+DEFAULT_SANS = ("superlink", "superlink-proxy", "localhost", "127.0.0.1", "::1")
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*\.?$"
 )
@@ -293,7 +296,8 @@ def make_deployment(
             raise CertError(f"{ca_dir} holds a CA but {link_dir} has no server.pem; pass --force to start afresh")
         cert = x509.load_pem_x509_certificate((link_dir / "server.pem").read_bytes())
         have = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        wanted = subject_alt_names([hosts] if isinstance(hosts, str) else list(hosts))
+        # Only the requested hosts: a certificate made before a default name was added stays usable.
+        wanted = subject_alt_names([hosts] if isinstance(hosts, str) else list(hosts), include_defaults=False)
         missing = [str(n.value) for n in wanted if n not in have]
         if missing:
             raise CertError(

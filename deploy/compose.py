@@ -10,7 +10,10 @@ Layout (Flower's own for 1.41, process isolation: user code runs only in SuperEx
 
 * ``superlink`` (flwr/superlink): one HTTPS port (8000) for the Fleet, Control and Runtime APIs,
   ``--isolation process``, state database on the ``superlink-state`` volume, TLS, SuperNode
-  authentication and SuperExec authentication on.
+  authentication and SuperExec authentication on. It is published nowhere: it sits on the private
+  network ``superlink-net`` with only the proxy and its SuperExec (issue #19).
+* ``superlink-proxy`` (nginx, :mod:`deploy.proxy`): the public port serves the Fleet API (and
+  health) only; the Control API is published on the host's 127.0.0.1 only (the operator's).
 * ``superexec-serverapp`` (our image): runs ServerApps; reads the server's data and writes outputs.
 * per node i: ``supernode-<i>`` (flwr/supernode) with ``--node-config "partition-id=i ..."`` and its
   auth key, and ``superexec-clientapp-<i>`` (our image) that runs its ClientApps, with the node's
@@ -31,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from . import proxy
 from .certs import CertError, check_host
 
 DEFAULT_NODES = 3
@@ -40,6 +44,7 @@ FLWR_VERSION = "1.41.0"
 SUPEREXEC_IMAGE = "feddmmr-superexec"
 NODE_RUNTIME_PORT = 9094  # each SuperNode's Runtime API (its own container: no clash between nodes)
 MAX_NODES = 10_000
+LINK_NETWORK = "superlink-net"  # the SuperLink's private network: SuperLink, proxy, ServerApp SuperExec
 
 
 class ComposeError(ValueError):
@@ -112,6 +117,38 @@ def _check(nodes: int, host: str, port: int) -> str:
     return str(host).strip()
 
 
+def proxy_service(certs: str, port: int) -> dict[str, Any]:
+    """nginx in front of the SuperLink: the public ``port`` reaches only the Fleet API; the
+    Control API is published on the host's loopback (``SUPERLINK_CONTROL_ADDRESS`` re-points it,
+    e.g. to a VPN address only the operator reaches). Its configuration is ``deploy/nginx.conf``."""
+    return {
+        "image": f"${{FEDDMMR_PROXY_IMAGE:-{proxy.PROXY_IMAGE}}}",
+        "ports": [
+            f"${{SUPERLINK_PORT:-{port}}}:{proxy.NODE_PORT}",
+            f"${{SUPERLINK_CONTROL_ADDRESS:-127.0.0.1:{proxy.OPERATOR_PORT}}}:{proxy.OPERATOR_PORT}",
+        ],
+        "volumes": [
+            f"./{proxy.COMPOSE_CONF}:{proxy.CONTAINER_CONF}:ro",
+            f"{certs}/superlink/ca.crt:/certs/ca.crt:ro",
+            f"{certs}/superlink/server.pem:/certs/server.pem:ro",
+            f"{certs}/superlink/server.key:/certs/server.key:ro",
+        ],
+        "networks": ["default", LINK_NETWORK],
+        "depends_on": ["superlink"],
+        "restart": "unless-stopped",
+    }
+
+
+def isolate_superlink(services: dict[str, Any], certs: str, port: int) -> dict[str, Any]:
+    """Put the SuperLink (unpublished) and its SuperExec on the private network, add the proxy;
+    returns the ``networks`` section. Nodes stay on ``default`` and reach only the proxy."""
+    services["superlink"].pop("ports", None)
+    services["superlink"]["networks"] = [LINK_NETWORK]
+    services["superexec-serverapp"]["networks"] = [LINK_NETWORK]
+    services["superlink-proxy"] = proxy_service(certs, port)
+    return {LINK_NETWORK: {"internal": True}}
+
+
 def base_compose(
     nodes: int, host: str, port: int = DEFAULT_PORT, gpu: bool = False, flwr_version: str = FLWR_VERSION
 ) -> dict[str, Any]:
@@ -141,7 +178,6 @@ def base_compose(
                 "/certs/superexec.secret",
                 "--disable-runtime-dependency-installation",
             ],
-            "ports": [f"${{SUPERLINK_PORT:-{port}}}:{DEFAULT_PORT}"],
             "volumes": [
                 # /app is the image's (app-owned) working directory: the volume inherits its owner
                 "superlink-state:/app",
@@ -175,6 +211,7 @@ def base_compose(
             "restart": "unless-stopped",
         },
     }
+    networks = isolate_superlink(services, certs, port)
     volumes: dict[str, Any] = {"superlink-state": {}}
     for i in range(nodes):
         node_certs = f"{certs}/nodes/node-{i}"
@@ -212,7 +249,7 @@ def base_compose(
             clientapp["deploy"] = _gpu_reservation()
         services[f"superexec-clientapp-{i}"] = clientapp
         volumes[f"node-{i}-state"] = {}
-    return {"services": services, "volumes": volumes}
+    return {"services": services, "volumes": volumes, "networks": networks}
 
 
 def gpu_override(nodes: int, host: str, port: int = DEFAULT_PORT) -> dict[str, Any]:
@@ -242,9 +279,11 @@ def _header(args: list[str], gpu_only: bool) -> str:
         lines += [
             "# FedDMMR on Flower 1.41: 1 SuperLink (+ ServerApp SuperExec) and one SuperNode (+ ClientApp",
             "# SuperExec) per user; TLS, SuperNode authentication and SuperExec authentication are on.",
-            "#   SuperLink host: docker-compose up -d --build superlink superexec-serverapp",
+            "#   SuperLink host: docker-compose up -d --build superlink superlink-proxy superexec-serverapp",
             "#   node host i:    docker-compose up -d --build supernode-<i> superexec-clientapp-<i>",
-            "#   one host:       SUPERLINK_ADDRESS=superlink:8000 docker-compose up -d --build",
+            "#   one host:       SUPERLINK_ADDRESS=superlink-proxy:8000 docker-compose up -d --build",
+            "# Node hosts reach only the Fleet API (superlink-proxy, deploy/nginx.conf); the operator's flwr",
+            f"# CLI uses the Control API on the SuperLink host's 127.0.0.1:{proxy.OPERATOR_PORT}.",
             "# Needs deploy/certs (python -m deploy.certs), deploy/nodes/node-<i>/data, deploy/server/data.",
         ]
     return "\n".join(lines) + "\n"

@@ -37,6 +37,8 @@ COMPOSE_VARS = (
     "FEDDMMR_NODES_DIR",
     "FEDDMMR_SERVER_DIR",
     "FEDDMMR_IMAGE_TAG",
+    "FEDDMMR_PROXY_IMAGE",
+    "SUPERLINK_CONTROL_ADDRESS",
     "COMPOSE_FILE",
     "COMPOSE_PROJECT_NAME",
 )
@@ -206,7 +208,7 @@ def test_generator_rejects_bad_input_in_one_line(args, message):
 
 def test_generator_bakes_in_host_and_port(tmp_path):
     doc = yaml.safe_load(generate(tmp_path, "--nodes", "2", "--host", "10.1.2.3", "--port", "9443").read_text())
-    assert doc["services"]["superlink"]["ports"] == ["${SUPERLINK_PORT:-9443}:8000"]
+    assert doc["services"]["superlink-proxy"]["ports"][0] == "${SUPERLINK_PORT:-9443}:8000"
     for i in range(2):
         assert (
             flag(doc["services"][f"supernode-{i}"]["command"], "--superlink") == "${SUPERLINK_ADDRESS:-10.1.2.3:9443}"
@@ -223,8 +225,8 @@ def test_generated_compose_resolves_to_the_layout(compose_tool, tmp_path, nodes)
     check_layout(config, nodes)
     # default: SuperNodes dial the public host; SUPERLINK_ADDRESS re-points them (one-host trial)
     assert flag(config["services"]["supernode-0"]["command"], "--superlink") == "superlink.example.org:8000"
-    one_host = resolved(compose_tool, base, env={"SUPERLINK_ADDRESS": "superlink:8000"})
-    assert flag(one_host["services"][f"supernode-{nodes - 1}"]["command"], "--superlink") == "superlink:8000"
+    one_host = resolved(compose_tool, base, env={"SUPERLINK_ADDRESS": "superlink-proxy:8000"})
+    assert flag(one_host["services"][f"supernode-{nodes - 1}"]["command"], "--superlink") == "superlink-proxy:8000"
     # --gpu: one file with the override built in
     check_layout(
         resolved(compose_tool, generate(tmp_path / "gpu", "--nodes", str(nodes), "--host", "h", "--gpu")),
@@ -258,7 +260,7 @@ def test_certificate_layout_matches_compose_mounts(compose_tool, tmp_path):
             if source.startswith(certs_root):
                 assert Path(source).is_file(), f"compose mounts {source}, which deploy.certs did not write"
                 checked += 1
-    assert checked == 4 + 2 + 3 * 4  # superlink 4, serverapp 2, per node 3 (supernode) + 1 (clientapp)
+    assert checked == 4 + 3 + 2 + 3 * 4  # superlink 4, proxy 3, serverapp 2, per node 3 (supernode) + 1 (clientapp)
     assert not (made.superlink / "ca.key").exists(), "the CA key must not sit with the SuperLink's files"
 
 
@@ -293,7 +295,7 @@ def _tls_handshake(certs, server_name: str, ca_file: Path) -> None:
 
 def test_server_certificate_passes_tls_for_its_names_only(tmp_path):
     certs = make_ca_and_server_cert(tmp_path, ["superlink.example.org", "10.0.0.7"])
-    for name in ("superlink.example.org", "superlink", "localhost", "127.0.0.1", "10.0.0.7"):
+    for name in ("superlink.example.org", "superlink", "superlink-proxy", "localhost", "127.0.0.1", "10.0.0.7"):
         _tls_handshake(certs, name, certs.ca_cert)
     with pytest.raises(ssl.SSLCertVerificationError):
         _tls_handshake(certs, "other.example.org", certs.ca_cert)

@@ -4,10 +4,15 @@ Each process runs on its own "host": a network namespace joined to the others by
 bridge when the test runs as root with ``ip`` (else this machine's loopback), with its own
 ``FLWR_HOME`` and its own node-local data, cache and state folders. TLS and SuperNode
 authentication are on, with the certificates and keys of ``deploy/certs.py`` (the ones
-docker-compose.yml mounts). One module fixture plays the whole story, then the tests read it:
+docker-compose.yml mounts). The SuperLink listens on its host's loopback only; nginx on its host
+(deploy/proxy.py) serves the Fleet API to the nodes and the Control API to the operator's ``flwr``
+on 127.0.0.1 (issue #19). One module fixture plays the whole story, then the tests read it:
 
 1. a reference Ray simulation of the same run config;
-2. run A (2 rounds) on the deployment: same outputs as the simulation;
+1b. from a node host, ``flwr ls``, ``flwr run`` and ``flwr supernode register`` at the node-facing
+   address are refused, and the SuperLink's own port and the operator port are unreachable; a
+   SuperNode with an unregistered key, and one trusting another CA, are refused through the proxy;
+2. run A (2 rounds) on the deployment: same outputs as the simulation; the operator lists it;
 3. SuperNode 0 is restarted (SIGTERM, start again: new process, new node id, empty RAM state);
 4. run B resumes run A for a third round; in the middle of it SuperNode 2 is SIGKILLed. The run
    finishes with the other two, history.json names partition 2 as failed, and the memories of
@@ -27,12 +32,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deploy.certs import make_ca_and_server_cert, make_node_key
 from feddmmr_flower import checkpoint
 from feddmmr_flower.config import ExperimentConfig
 from feddmmr_flower.experiment import load_assets
 
 from .conftest import synthetic_ml100k
-from .deployment_lab import Deployment
+from .deployment_lab import Deployment, require_nginx
 from .flwr_utils import BIN, copy_app, flwr_run, processes_matching, run_config_arg
 from .netlab import NetLab, namespaces_available, wait_for_line
 
@@ -49,8 +55,50 @@ def _node_disks(root: Path, data: Path, cache: Path) -> None:
         shutil.copytree(cache, root / f"node{i}" / "cache")
 
 
+def intrude(deployment: Deployment, app: Path) -> dict:
+    """What node host 0 gets from the Control API, and what rogue SuperNodes get from the Fleet API."""
+    node, flwr = deployment.nodes[0], str(BIN / "flwr")
+    connections = {
+        "public": deployment.public_address,  # the node-facing proxy address: what SuperNodes dial
+        "superlink-port": f"{deployment.link.address}:{deployment.port}",  # the SuperLink itself
+        "operator-port": f"{deployment.link.address}:{deployment.operator_port}",  # the proxy's operator side
+    }
+    deployment.write_connections("intruder", connections, deployment.certs.nodes[0] / "ca.crt")
+    out = {}
+    for name, argv in {
+        "ls": [flwr, "ls", "public"],
+        "run": [flwr, "run", ".", "public"],
+        "register": [flwr, "supernode", "register", str(deployment.certs.nodes[0] / "node.pub"), "public"],
+        "ls_superlink_port": [flwr, "ls", "superlink-port"],
+        "ls_operator_port": [flwr, "ls", "operator-port"],
+    }.items():
+        done = deployment.run_on(node, "intruder", argv, cwd=app, timeout=120)
+        out[name] = {"returncode": done.returncode, "log": done.stdout + done.stderr}
+    # SuperNodes the SuperLink must refuse, through the proxy: an unregistered key; another CA.
+    rogue_key, _ = make_node_key(deployment.root / "rogue" / "node.key")
+    other_ca = make_ca_and_server_cert(deployment.root / "other-ca", [deployment.link.address]).ca_cert
+    keys = deployment.certs.nodes[1]
+    rogues = {
+        "unregistered_key": deployment.start_supernode(
+            "rogue-key", deployment.nodes[1], rogue_key, keys / "ca.crt", "partition-id=1 num-partitions=3"
+        ),
+        "other_ca": deployment.start_supernode(
+            "rogue-ca", deployment.nodes[1], keys / "node.key", other_ca, "partition-id=1 num-partitions=3"
+        ),
+    }
+    for name, proc in rogues.items():
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pass
+        log = deployment.log("rogue-key" if name == "unregistered_key" else "rogue-ca").read_text(errors="replace")
+        out[name] = {"returncode": proc.poll(), "log": log}
+    return out
+
+
 @pytest.fixture(scope="module")
 def story(tmp_path_factory) -> dict:
+    require_nginx()
     root = tmp_path_factory.mktemp("deploy")
     data = synthetic_ml100k(root / "server-data", users=NODES)
     config = {
@@ -90,6 +138,7 @@ def story(tmp_path_factory) -> dict:
     deployment = Deployment(root, lab, NODES)
     try:
         deployment.start_all()
+        result["intruder"] = intrude(deployment, app)
         run = [str(BIN / "flwr"), "run", ".", "deployment", "--stream"]
 
         # 2. run A: the same run config as the simulation
@@ -104,6 +153,8 @@ def story(tmp_path_factory) -> dict:
         }
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         shutil.copytree(root / "outputs" / "deployed", root / "outputs" / "deployed-run-a")  # B extends it
+        listed = deployment.cli_run([str(BIN / "flwr"), "ls", "deployment", "--format", "json"], cwd=root, timeout=120)
+        result["operator_ls"] = {"returncode": listed.returncode, "stdout": listed.stdout, "stderr": listed.stderr}
 
         # 3. restart SuperNode 0 between rounds 2 and 3
         deployment.stop(f"node{RESTARTED}", signal.SIGTERM)
@@ -138,6 +189,8 @@ def story(tmp_path_factory) -> dict:
     finally:
         deployment.close()
         lab.close()
+    result["superlink_log"] = deployment.log("superlink").read_text(errors="replace")
+    result["node_addresses"] = [host.address for host in deployment.nodes]
     result["leftover_processes"] = processes_matching(str(root))
     result["leftover_namespaces"] = lab.mine()
     return result
@@ -156,8 +209,43 @@ def test_deployment_runs_on_separate_hosts_with_tls_and_auth(story):
     assert story["run_a"]["returncode"] == 0
     log = story["run_a"]["log"]
     assert "round 2/2 [align]" in log and "final test on all 3 nodes" in log
-    if story["namespaces"]:
-        assert "10.213." in log  # the CLI reached the SuperLink at its lab address
+    assert "Using SuperLink: deployment (127.0.0.1:" in log  # the operator, on the SuperLink host
+
+
+def test_a_node_host_cannot_use_the_control_api(story):
+    """``flwr ls``, ``flwr run`` and ``flwr supernode register`` from node host 0, pointed at the
+    address its SuperNode uses, are refused by the proxy; nothing reached the SuperLink's Control API."""
+    intruder = story["intruder"]
+    for call in ("ls", "run", "register"):
+        assert intruder[call]["returncode"] != 0, intruder[call]["log"]
+        assert "403 Forbidden" in intruder[call]["log"], intruder[call]["log"]
+    if story["namespaces"]:  # the SuperLink's own port and the operator port: not reachable from a node host
+        for call in ("ls_superlink_port", "ls_operator_port"):
+            assert intruder[call]["returncode"] != 0
+            assert "Connection to the SuperLink is unavailable" in intruder[call]["log"], intruder[call]["log"]
+        # the SuperLink logs the proxied client's address: no node ever reached its Control API
+        control = [line for line in story["superlink_log"].splitlines() if "/v1/control/" in line]
+        assert control and not [line for line in control if any(a + ":" in line for a in story["node_addresses"])]
+
+
+def test_the_operator_uses_the_control_api_on_the_superlink_host(story):
+    """register (every node, in start_all) and run (run A) worked from the operator's side; so does ls."""
+    listed = story["operator_ls"]
+    assert listed["returncode"] == 0, listed["stdout"] + listed["stderr"]
+    runs = json.loads(listed["stdout"][listed["stdout"].index("{") :])["runs"]
+    # exactly run A: the node host's `flwr run` never created a run
+    assert [(r["fab-id"], r["status"]) for r in runs] == [("feddmmr/feddmmr-flower", "finished:completed")], runs
+
+
+def test_supernode_authentication_and_tls_hold_through_the_proxy(story):
+    rogue = story["intruder"]["unregistered_key"]
+    # Flower prints its exit code (305: no connection to the SuperLink); the process exits with 1
+    assert rogue["returncode"] not in (0, None) and "Exit Code: 305" in rogue["log"], rogue["log"][-2000:]
+    assert "Failed to activate SuperNode" in rogue["log"]
+    assert "No SuperNode found with the given public key" in story["superlink_log"]
+    other_ca = story["intruder"]["other_ca"]
+    assert other_ca["returncode"] not in (0, None) and "Exit Code: 305" in other_ca["log"], other_ca["log"][-2000:]
+    assert "CERTIFICATE_VERIFY_FAILED" in other_ca["log"]
 
 
 def test_deployment_gives_the_same_outputs_as_the_simulation(story):
