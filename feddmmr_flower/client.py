@@ -17,13 +17,17 @@ import numpy as np
 import torch
 
 from .config import ExperimentConfig
+from .data.sequences import MIN_TRAINABLE_LENGTH
 from .evaluation import evaluate, metrics_from_ranks
 from .experiment import build_model, first_memory, load_assets, memory_config, prototype_config, train_config
 from .local_training import loss_parts, model_scorer, train_epoch
 from .memory import LocalDynamicMemory
 from .prototypes import memory_prototypes
 from .run_record import CLIENT_TRAIN_SECONDS, FULL_PREFIX
-from .stages import apply_stage, load_arrays, trainable_state
+from .stages import apply_stage, load_arrays, trainable_names, trainable_state
+
+#: Why a user with no training position sends no update. It says exactly what the server learns.
+NO_TRAINING_POSITION = f"no training position (fewer than {MIN_TRAINABLE_LENGTH} interactions)"
 
 
 @dataclass
@@ -84,6 +88,16 @@ class ClientRuntime:
             )
         return user
 
+    def nothing_to_train(self, user: int) -> str | None:
+        """Why ``user`` cannot train (their history has no next-item target before the held-out
+        items), or None. Such a node answers a train message with "nothing to train"."""
+        user = self._check_user(user)
+        return None if bool(self.assets.data.can_train(np.array([user]))[0]) else NO_TRAINING_POSITION
+
+    def trainable_names(self, stage: str) -> list[str]:
+        """The tensors trained in ``stage``, in the model's order (what a train reply carries)."""
+        return trainable_names(self.model, stage)
+
     def _prepare(self, arrays: dict[str, np.ndarray], prototypes: np.ndarray | None):
         load_arrays(self.model, arrays)
         if prototypes is None or len(prototypes) == 0 or not self.model.config.uses_prototypes:
@@ -110,7 +124,8 @@ class ClientRuntime:
         proximal_mu: float = 0.0,
     ) -> TrainOutcome:
         started = time.perf_counter()
-        user = self._check_user(user)
+        if (reason := self.nothing_to_train(user)) is not None:
+            raise ValueError(f"partition-id {user}: {reason}")  # the ClientApp asks nothing_to_train first
         proto = self._prepare(arrays, prototypes)
         memory = self._memory(memory_state)
         params = apply_stage(self.model, stage)

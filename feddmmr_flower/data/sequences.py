@@ -25,6 +25,9 @@ from ..errors import DataFormatError
 SPLITS = ("train", "valid", "test")
 # How many items at the end of a sequence are *not* visible to each split's input.
 _HIDDEN_TAIL = {"train": 2, "valid": 2, "test": 1}
+#: The shortest sequence with a training position: an input item and its next-item target before the
+#: validation and test targets (a user of 3 interactions, allowed by ``min-seq-len = 3``, has none).
+MIN_TRAINABLE_LENGTH = _HIDDEN_TAIL["train"] + 2
 
 
 @dataclass
@@ -60,6 +63,10 @@ class SequenceData:
     def train_lengths(self, users: np.ndarray | None = None) -> np.ndarray:
         lengths = self.lengths if users is None else self.lengths[np.asarray(users)]
         return lengths - _HIDDEN_TAIL["train"]
+
+    def can_train(self, users: np.ndarray) -> np.ndarray:
+        """Boolean per user: does the training part hold at least one next-item target?"""
+        return self.lengths[self.check_users(users)] >= MIN_TRAINABLE_LENGTH
 
     def stats(self) -> dict:
         lengths = self.lengths
