@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from .config import ExperimentConfig
-from .data.sequences import MIN_TRAINABLE_LENGTH
 from .evaluation import evaluate, metrics_from_ranks
 from .experiment import build_model, first_memory, load_assets, memory_config, prototype_config, train_config
 from .local_training import loss_parts, model_scorer, train_epoch
@@ -26,8 +25,10 @@ from .prototypes import memory_prototypes
 from .run_record import CLIENT_TRAIN_SECONDS, FULL_PREFIX
 from .stages import apply_stage, load_arrays, trainable_names, trainable_state
 
-#: Why a user with no training position sends no update. It says exactly what the server learns.
-NO_TRAINING_POSITION = f"no training position (fewer than {MIN_TRAINABLE_LENGTH} interactions)"
+
+def no_training_position(min_length: int) -> str:
+    """Why a user with no training position sends no update: exactly what the server learns."""
+    return f"no training position (fewer than {min_length} interactions)"
 
 
 @dataclass
@@ -91,8 +92,11 @@ class ClientRuntime:
     def nothing_to_train(self, user: int) -> str | None:
         """Why ``user`` cannot train (their history has no next-item target before the held-out
         items), or None. Such a node answers a train message with "nothing to train"."""
-        user = self._check_user(user)
-        return None if bool(self.assets.data.can_train(np.array([user]))[0]) else NO_TRAINING_POSITION
+        data, users = self.assets.data, np.array([self._check_user(user)])
+        if data.can_train(users)[0]:
+            return None
+        held_out = int(data.lengths[user] - data.train_lengths(users)[0])  # the validation and test items
+        return no_training_position(data.MIN_TRAIN_ITEMS + held_out)
 
     def trainable_names(self, stage: str) -> list[str]:
         """The tensors trained in ``stage``, in the model's order (what a train reply carries)."""

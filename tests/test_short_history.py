@@ -26,9 +26,9 @@ from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
 from benchmarks.harness import InProcessGrid, run_federation, server_identity
 from client_app.privacy_mods import single_record
 from feddmmr_flower import checkpoint
-from feddmmr_flower.client import NO_TRAINING_POSITION
+from feddmmr_flower.client import no_training_position
 from feddmmr_flower.config import ExperimentConfig
-from feddmmr_flower.data.sequences import MIN_TRAINABLE_LENGTH, SequenceData
+from feddmmr_flower.data.sequences import SequenceData
 from feddmmr_flower.experiment import load_assets
 from feddmmr_wire import TrainInstruction, TrainReply, TrainStatus
 
@@ -38,6 +38,7 @@ from .flwr_utils import copy_app, flwr_run
 LONG, SHORT = 6, 2  # users with 25 interactions, then users with 3 (partition ids 6 and 7)
 USERS = LONG + SHORT
 SHORT_PARTITIONS = [LONG, LONG + 1]
+NO_TRAINING_POSITION = no_training_position(4)  # 1 training item, then the validation and test items
 #: Logged by Flower's own FedAvg constructor for the base strategy (FedDMMR evaluates fixed nodes itself).
 FLOWER_CONSTRUCTOR_WARNING = "fraction_evaluate is set to 0.0"
 #: Flower's simulation runtime, on every ``flwr run``: the CLI's notice about its default federation
@@ -164,7 +165,6 @@ def test_a_user_needs_four_interactions_for_a_training_position() -> None:
         item_titles=np.array([""] * (lengths.sum() + 1)),
         item_genres=np.array([""] * (lengths.sum() + 1)),
     )
-    assert MIN_TRAINABLE_LENGTH == 4
     assert data.can_train(np.arange(3)).tolist() == [False, True, True]
     # the training targets agree: none for the 3-interaction user, one for the 4-interaction user
     assert [(data.train_targets(np.array([u]), 10) > 0).sum() for u in range(3)] == [0, 1, 6]

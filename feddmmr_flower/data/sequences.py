@@ -25,9 +25,6 @@ from ..errors import DataFormatError
 SPLITS = ("train", "valid", "test")
 # How many items at the end of a sequence are *not* visible to each split's input.
 _HIDDEN_TAIL = {"train": 2, "valid": 2, "test": 1}
-#: The shortest sequence with a training position: an input item and its next-item target before the
-#: validation and test targets (a user of 3 interactions, allowed by ``min-seq-len = 3``, has none).
-MIN_TRAINABLE_LENGTH = _HIDDEN_TAIL["train"] + 2
 
 
 @dataclass
@@ -64,10 +61,6 @@ class SequenceData:
         lengths = self.lengths if users is None else self.lengths[np.asarray(users)]
         return lengths - _HIDDEN_TAIL["train"]
 
-    def can_train(self, users: np.ndarray) -> np.ndarray:
-        """Boolean per user: does the training part hold at least one next-item target?"""
-        return self.lengths[self.check_users(users)] >= MIN_TRAINABLE_LENGTH
-
     def stats(self) -> dict:
         lengths = self.lengths
         return {
@@ -79,6 +72,14 @@ class SequenceData:
             "max_seq_len": int(lengths.max()),
             "density": round(float(len(self.items)) / (self.num_users * self.num_items), 6),
         }
+
+    #: Training items a user needs for one training position: an input item and its next-item target.
+    MIN_TRAIN_ITEMS = 2
+
+    def can_train(self, users: np.ndarray) -> np.ndarray:
+        """Boolean per user: does the training part (before the held-out items) hold a training position?
+        Under the leave-one-out split, a user of 3 interactions (``min-seq-len = 3``) has none."""
+        return self.train_lengths(self.check_users(users)) >= self.MIN_TRAIN_ITEMS
 
     def check_users(self, users: np.ndarray) -> np.ndarray:
         users = np.asarray(users, dtype=np.int64)
