@@ -151,6 +151,6 @@ def privacy_mod(msg: Message, ctx: Context, call_next: Next) -> Message:
         dp = single_record(LocalDpMod(clip, clip, cfg.dp_epsilon, cfg.dp_delta))
     train: Next = call_next if dp is None else (lambda m, c: dp(m, c, call_next))
     if RECORD_KEY_CONFIGS in msg.content.config_records:
-        names = lambda stage: runtime_for(cfg).trainable_names(stage)  # noqa: E731 - built by the train handler
-        return secaggplus_mod(msg, ctx, lambda m, c: legacy_reply(m, train(m, c), names))
+        # (the runtime's stage names are read after the train handler ran: it built the runtime)
+        return secaggplus_mod(msg, ctx, lambda m, c: legacy_reply(m, train(m, c), runtime_for(cfg).trainable_names))
     return train(msg, ctx)
