@@ -71,6 +71,10 @@ def _keep_memory(context: Context, disk: MemoryFile | None, memory: dict[str, np
 def train(msg: Message, context: Context) -> Message:
     ins = TrainInstruction.from_content(msg.content)
     inputs = _inputs(context, ins.run_key)
+    if (reason := inputs.runtime.nothing_to_train(inputs.user)) is not None:
+        # No training position: no arrays, no prototypes, memory untouched; the server counts a skip.
+        skipped = TrainReply.nothing_to_train(inputs.user, reason)
+        return Message(content=skipped.to_content(packed=is_packed(msg.content)), reply_to=msg)
     outcome = inputs.runtime.train(
         inputs.user,
         ins.arrays,

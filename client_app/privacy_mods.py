@@ -19,18 +19,20 @@ import copy
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from feddmmr_wire import SecAggPlaintext, TrainReply, read_arrays, to_array
-from feddmmr_wire.keys import ARRAYS, CONFIG, METRICS, SECAGG_EXTRAS
+from feddmmr_flower.client import runtime_for
+from feddmmr_wire import SecAggPlaintext, TrainInstruction, TrainReply, TrainStatus, to_array
+from feddmmr_wire.keys import ARRAYS, CONFIG, METRICS, SECAGG_EXTRAS, STATUS
 
 from .context import experiment_config
 
 Next = Callable[[Message, Context], Message]
 Mod = Callable[[Message, Context, Next], Message]
+NOTHING_TO_TRAIN_CODE = 601  # error code only a wrapped DP mod sees: it returns error replies untouched
 
 
 def _zero_update(msg: Message, reply: Message) -> bool:
@@ -46,7 +48,8 @@ def single_record(inner: Mod) -> Mod:
     the stage's trained tensors plus the frozen ones unchanged (a zero update, so a clipping norm
     over the full model equals the norm over the trained subset). Afterwards the reply is cut back
     to the trained tensors (noise a mod put on frozen tensors is dropped with them) and the
-    prototypes are put back.
+    prototypes are put back. A "nothing to train" reply has no update to clip or noise: the mod sees
+    an error reply (which Flower's DP mods pass on untouched) and the node's reply goes out as it is.
     """
 
     def mod(msg: Message, ctx: Context, call_next: Next) -> Message:
@@ -59,6 +62,9 @@ def single_record(inner: Mod) -> Mod:
             reply = call_next(msg, context)
             if reply.has_error():
                 return reply
+            if TrainReply.says_nothing_to_train(reply.content):
+                kept["nothing to train"] = reply
+                return Message(Error(NOTHING_TO_TRAIN_CODE, "nothing to train"), reply_to=msg)
             if _zero_update(msg, reply):
                 arrays = reply.content.array_records[ARRAYS]  # perturbed by 1 ulp so it can be clipped
                 reply.content[ARRAYS] = ArrayRecord(
@@ -75,6 +81,8 @@ def single_record(inner: Mod) -> Mod:
             return out
 
         out = inner(view, ctx, next_)
+        if "nothing to train" in kept:
+            return kept["nothing to train"]
         if out.has_error() or "names" not in kept:
             return out
         arrays = out.content.array_records[ARRAYS]
@@ -86,18 +94,30 @@ def single_record(inner: Mod) -> Mod:
     return mod
 
 
-def legacy_reply(msg: Message, reply: Message) -> Message:
+def legacy_reply(msg: Message, reply: Message, stage_names: Callable[[str], list[str]]) -> Message:
     """FedDMMR reply -> the ``fitres.*`` layout ``secaggplus_mod`` masks: the *update* (trained minus
     received) of each trained tensor, in the model's order. Updates, not weights: a tensor row no
-    one touched sums to exactly zero, and the small range of updates quantises finely."""
+    one touched sums to exactly zero, and the small range of updates quantises finely.
+
+    A "nothing to train" node still masks (its pairwise masks cancel the other nodes' only if it
+    takes part): a zero update of the stage's tensors (``stage_names``) with weight 0, which adds
+    exactly nothing to the sum or to the total weight; its STATUS record tells the server so."""
     if reply.has_error():
         raise RuntimeError(f"training failed: {reply.error.reason}")
-    received = read_arrays(msg.content)
+    ins = TrainInstruction.from_content(msg.content)
+    received = ins.arrays
     parsed = TrainReply.from_content(reply.content)
-    names = [n for n in received if n in parsed.arrays]
-    if len(names) != len(parsed.arrays):
-        raise ValueError(f"reply tensors not in the model: {sorted(set(parsed.arrays) - set(names))[:5]}")
-    updates = {n: parsed.arrays[n].astype(np.float64) - received[n].astype(np.float64) for n in names}
+    extra = {}
+    if parsed.status == TrainStatus.NOTHING_TO_TRAIN:
+        wanted = set(stage_names(ins.stage))
+        names = [n for n in received if n in wanted]
+        updates = {n: np.zeros(np.shape(received[n])) for n in names}
+        extra[STATUS] = reply.content.config_records[STATUS]
+    else:
+        names = [n for n in received if n in parsed.arrays]
+        if len(names) != len(parsed.arrays):
+            raise ValueError(f"reply tensors not in the model: {sorted(set(parsed.arrays) - set(names))[:5]}")
+        updates = {n: parsed.arrays[n].astype(np.float64) - received[n].astype(np.float64) for n in names}
     plain = SecAggPlaintext(names, centroids=parsed.centroids, sizes=parsed.sizes)
     if not all(np.isfinite(u).all() for u in updates.values()):
         # Masked NaN would corrupt the whole sum. Withhold: zeros go into the protocol, the server
@@ -112,6 +132,7 @@ def legacy_reply(msg: Message, reply: Message) -> Message:
             "fitres.status": ConfigRecord({"code": 0, "message": "Success"}),
             METRICS: reply.content.metric_records[METRICS],
             SECAGG_EXTRAS: plain.to_record(),
+            **extra,
         }
     )
     return Message(content, reply_to=msg)
@@ -130,5 +151,6 @@ def privacy_mod(msg: Message, ctx: Context, call_next: Next) -> Message:
         dp = single_record(LocalDpMod(clip, clip, cfg.dp_epsilon, cfg.dp_delta))
     train: Next = call_next if dp is None else (lambda m, c: dp(m, c, call_next))
     if RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, ctx, lambda m, c: legacy_reply(m, train(m, c)))
+        # (the runtime's stage names are read after the train handler ran: it built the runtime)
+        return secaggplus_mod(msg, ctx, lambda m, c: legacy_reply(m, train(m, c), runtime_for(cfg).trainable_names))
     return train(msg, ctx)

@@ -23,7 +23,12 @@ from .local_training import loss_parts, model_scorer, train_epoch
 from .memory import LocalDynamicMemory
 from .prototypes import memory_prototypes
 from .run_record import CLIENT_TRAIN_SECONDS, FULL_PREFIX
-from .stages import apply_stage, load_arrays, trainable_state
+from .stages import apply_stage, load_arrays, trainable_names, trainable_state
+
+
+def no_training_position(min_length: int) -> str:
+    """Why a user with no training position sends no update: exactly what the server learns."""
+    return f"no training position (fewer than {min_length} interactions)"
 
 
 @dataclass
@@ -84,6 +89,19 @@ class ClientRuntime:
             )
         return user
 
+    def nothing_to_train(self, user: int) -> str | None:
+        """Why ``user`` cannot train (their history has no next-item target before the held-out
+        items), or None. Such a node answers a train message with "nothing to train"."""
+        data, users = self.assets.data, np.array([self._check_user(user)])
+        if data.can_train(users)[0]:
+            return None
+        held_out = int(data.lengths[user] - data.train_lengths(users)[0])  # the validation and test items
+        return no_training_position(data.MIN_TRAIN_ITEMS + held_out)
+
+    def trainable_names(self, stage: str) -> list[str]:
+        """The tensors trained in ``stage``, in the model's order (what a train reply carries)."""
+        return trainable_names(self.model, stage)
+
     def _prepare(self, arrays: dict[str, np.ndarray], prototypes: np.ndarray | None):
         load_arrays(self.model, arrays)
         if prototypes is None or len(prototypes) == 0 or not self.model.config.uses_prototypes:
@@ -110,7 +128,8 @@ class ClientRuntime:
         proximal_mu: float = 0.0,
     ) -> TrainOutcome:
         started = time.perf_counter()
-        user = self._check_user(user)
+        if (reason := self.nothing_to_train(user)) is not None:
+            raise ValueError(f"partition-id {user}: {reason}")  # the ClientApp asks nothing_to_train first
         proto = self._prepare(arrays, prototypes)
         memory = self._memory(memory_state)
         params = apply_stage(self.model, stage)

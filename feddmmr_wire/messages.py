@@ -185,6 +185,11 @@ class TrainReply:
     def nothing_to_train(cls, partition_id: int, reason: str, metrics: dict | None = None) -> TrainReply:
         return cls({}, 0, partition_id, dict(metrics or {}), status=TrainStatus.NOTHING_TO_TRAIN, reason=reason)
 
+    @staticmethod
+    def says_nothing_to_train(content: RecordDict) -> bool:
+        """Whether a train reply's content is a NOTHING_TO_TRAIN reply (read without parsing the rest)."""
+        return _status(content, None)[0] == TrainStatus.NOTHING_TO_TRAIN
+
     def to_content(self, packed: bool) -> RecordDict:
         metrics = MetricRecord({**self.metrics, NUM_EXAMPLES: self.num_examples, PARTITION_ID: self.partition_id})
         if self.status != TrainStatus.OK:
@@ -200,12 +205,9 @@ class TrainReply:
     def from_content(cls, content: RecordDict) -> TrainReply:
         """Parse a plain reply; ``MessageError`` names what is missing or unreadable."""
         metrics, pid = _header(content)
-        status = content.config_records.get(STATUS)
-        if status is not None and status.get(STATUS_CODE) != TrainStatus.OK:
-            code = str(status.get(STATUS_CODE))
-            if code != TrainStatus.NOTHING_TO_TRAIN:
-                raise MessageError(f"unknown reply status {code!r}", pid)
-            return cls.nothing_to_train(pid, str(status.get(STATUS_REASON, "")), _metric_values(metrics))  # type: ignore[arg-type]
+        code, reason = _status(content, pid)
+        if code == TrainStatus.NOTHING_TO_TRAIN:
+            return cls.nothing_to_train(pid, reason, _metric_values(metrics))  # type: ignore[arg-type]
         n = _weight(metrics, pid)
         if ARRAYS not in content.array_records:
             raise MessageError(f"no {ARRAYS!r} ArrayRecord", pid)
@@ -222,12 +224,15 @@ class TrainReply:
 
     @classmethod
     def from_secagg_content(cls, content: RecordDict) -> tuple[TrainReply, SecAggPlaintext]:
-        """Parse a SecAgg+ reply's plaintext part: no arrays (only their masked sum is ever known)."""
+        """Parse a SecAgg+ reply's plaintext part: no arrays (only their masked sum is ever known).
+        A NOTHING_TO_TRAIN reply takes part in the protocol with weight 0 (its masked vector is zero)."""
         metrics, pid = _header(content)
         plain = SecAggPlaintext.from_content(content)
         if plain is None:
             raise MessageError("no plaintext part (array names, metrics)", pid)
-        reply = cls({}, _weight(metrics, pid), pid, _metric_values(metrics), plain.centroids, plain.sizes)
+        code, reason = _status(content, pid)
+        values = _metric_values(metrics)
+        reply = cls({}, _weight(metrics, pid), pid, values, plain.centroids, plain.sizes, code, reason)
         return reply, plain
 
 
@@ -237,6 +242,17 @@ def _header(content: RecordDict) -> tuple[MetricRecord, int | None]:
     if metrics is None:
         raise MessageError(f"no {METRICS!r} MetricRecord", pid)
     return metrics, pid
+
+
+def _status(content: RecordDict, pid: int | None) -> tuple[str, str]:
+    """(TrainStatus code, reason) of a train reply; OK when it has no STATUS record."""
+    status = content.config_records.get(STATUS)
+    if status is None:
+        return TrainStatus.OK, ""
+    code = str(status.get(STATUS_CODE))
+    if code not in (TrainStatus.OK, TrainStatus.NOTHING_TO_TRAIN):
+        raise MessageError(f"unknown reply status {code!r}", pid)
+    return code, str(status.get(STATUS_REASON, ""))
 
 
 def _weight(metrics: MetricRecord, pid: int | None) -> float:

@@ -229,6 +229,8 @@ class FederatedRun:
             )
             if valid is not None:
                 line += f"  valid NDCG@10 {valid['NDCG@10']:.4f} HR@10 {valid['HR@10']:.4f}"
+            if record["skipped"]:  # nodes with nothing to train (left out of training afterwards)
+                line += f"  skipped {len(record['skipped'])} (nothing to train)"
             if record["rejected"] or record["failed"]:
                 line += f"  rejected {len(record['rejected'])} failed {len(record['failed'])}"
             _say(line + f"  {seconds:.1f}s  ETA {eta / 60:.1f} min")

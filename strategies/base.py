@@ -13,7 +13,9 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -101,6 +103,44 @@ def reply_message(node_id: int, arrays: ArrayRecord, weight: float) -> Message:
     return Message(content=content, metadata=metadata)
 
 
+@dataclass
+class TrainSample:
+    """A round's sampled nodes, the config with what the base added, and how many connected nodes
+    were left out of the draw (they said they have nothing to train)."""
+
+    nodes: list[int]
+    config: ConfigRecord
+    left_out: int = 0
+
+
+@dataclass
+class _Eligible:
+    """The grid as the base's sampler sees it: without the excluded nodes (Flower's samplers only
+    call ``get_node_ids``, and call it again while they wait for nodes to connect)."""
+
+    grid: Grid
+    exclude: Collection[int]
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self.grid.get_node_ids() if n not in self.exclude]
+
+
+@contextmanager
+def _minimums_for(base: Strategy, left_out: int, eligible: int) -> Iterator[None]:
+    """The base's node minimums over the eligible nodes: ``min_available_nodes`` still counts every
+    connected node (``left_out`` of them are not eligible), and at most ``eligible`` can be drawn."""
+    saved = {k: getattr(base, k) for k in ("min_available_nodes", "min_train_nodes") if hasattr(base, k)}
+    if "min_available_nodes" in saved:
+        base.min_available_nodes = max(0, saved["min_available_nodes"] - left_out)  # type: ignore[attr-defined]
+    if "min_train_nodes" in saved:
+        base.min_train_nodes = min(saved["min_train_nodes"], eligible)  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(base, key, value)
+
+
 class BaseAggregation:
     """A stock Flower strategy (by name, or an un-started instance used as a template) that samples
     each round's nodes and turns the round's updates into the new trained tensors."""
@@ -136,15 +176,27 @@ class BaseAggregation:
         return to_record(arrays)
 
     def sample_train(
-        self, server_round: int, current: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> tuple[list[int], ConfigRecord]:
-        """The nodes the base samples, and the config with what the base adds (FedProx: proximal-mu)."""
+        self, server_round: int, current: ArrayRecord, config: ConfigRecord, grid: Grid, exclude: Collection[int] = ()
+    ) -> TrainSample:
+        """The nodes the base samples (never one in ``exclude``), and the config with what the base
+        adds (FedProx: proximal-mu). ``fraction_train`` applies to the nodes that may be drawn."""
         arrays = to_numpy(current)
         self.layout = pack(arrays)[1] if packable(arrays) else ""
-        messages = list(self.base.configure_train(server_round, self._view(arrays), config, grid))
+        left_out = 0
+        if exclude:
+            connected = list(grid.get_node_ids())
+            eligible = [n for n in connected if n not in exclude]
+            left_out = len(connected) - len(eligible)
+            if not eligible:
+                return TrainSample([], config, left_out)
+            with _minimums_for(self.base, left_out, len(eligible)):
+                view = _Eligible(grid, exclude)
+                messages = list(self.base.configure_train(server_round, self._view(arrays), config, view))  # type: ignore[arg-type]
+        else:
+            messages = list(self.base.configure_train(server_round, self._view(arrays), config, grid))
         if messages:
             config = messages[0].content.config_records.get(CONFIG, config)
-        return [m.metadata.dst_node_id for m in messages], config
+        return TrainSample([m.metadata.dst_node_id for m in messages], config, left_out)
 
     def sample_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[int]:
         return [m.metadata.dst_node_id for m in self.base.configure_evaluate(server_round, arrays, config, grid)]

@@ -43,13 +43,15 @@ class Release:
     """One round's accepted updates as a DP mode sees them before the base strategy does.
 
     nodes: the accepted nodes (each released an update); current: the trained tensors' values
-    before the round; sampled: the nodes sent an instruction (the DP mean's denominator)."""
+    before the round; sampled: the nodes sent an instruction (the DP mean's denominator); left_out:
+    connected nodes not in the draw because they said they have nothing to train."""
 
     server_round: int
     nodes: list[int]
     updates: list[WeightedUpdate]
     current: dict[str, np.ndarray]
     sampled: int
+    left_out: int = 0
 
 
 class PrivacyHook(Protocol):
@@ -68,8 +70,10 @@ class CentralFixedClippingDP:
     """Uniform mean of clipped updates + N(0, (z·C/m)²) per coordinate, m = clients sampled this round.
 
     Replies are re-clipped on the server (a no-op for an honest ``fixedclipping_mod`` client, a
-    guarantee for any other); clients sampled but rejected or silent count as zero updates, so the
-    denominator m (and with it the sensitivity C/m of the mean) never depends on the replies.
+    guarantee for any other); clients sampled but rejected, silent or with nothing to train count as
+    zero updates, so the denominator m (and with it the sensitivity C/m of the mean) never depends on
+    the replies. The accountant's sampling rate is m over the nodes the round drew from: connected
+    nodes minus those left out for having nothing to train (they can never be drawn).
     """
 
     def __init__(self, clipping_norm: float, noise_multiplier: float, delta: float) -> None:
@@ -101,7 +105,7 @@ class CentralFixedClippingDP:
         mean, _ = wrapper.aggregate_train(release.server_round, padded)
         if mean is None:
             return []
-        population = max(self.population, len(padded))
+        population = max(self.population - release.left_out, len(padded))
         self.accountant.compose(len(padded) / population, self.noise_multiplier)
         self.last = {
             "dp-noise-std": compute_stdv(self.noise_multiplier, self.clipping_norm, len(padded)),
@@ -129,8 +133,8 @@ class CentralFixedClippingDP:
             "epsilon": round(self.accountant.epsilon(), 4),
             "epsilon_no_amplification": round(self.accountant.epsilon(amplified=False), 4),
             "accountant": "RDP of the Poisson-subsampled Gaussian mechanism (integer orders 2-512), q = sampled/"
-            "connected nodes per round, composed over rounds, converted to (epsilon, delta) with "
-            "Canonne-Kamath-Steinke 2020; Flower samples a fixed-size subset without replacement, "
+            "eligible nodes per round (connected, less those that said they have nothing to train), "
+            "composed over rounds, converted to (epsilon, delta) with Canonne-Kamath-Steinke 2020; Flower samples a fixed-size subset without replacement, "
             "for which Poisson amplification is the usual approximation. epsilon_no_amplification "
             "ignores sampling and holds for any sampling scheme. Client-level, add/remove one "
             "client, model arrays only (prototypes and metrics are not covered).",

@@ -69,6 +69,7 @@ class TrainRound:
     expected: Expected
     instructions: list[Message]
     global_arrays: ArrayRecord
+    left_out: int = 0  # connected nodes not drawn: they said they have nothing to train
 
 
 class FedDMMRStrategy(Strategy):
@@ -116,6 +117,8 @@ class FedDMMRStrategy(Strategy):
         self.skipped: dict[int, list[dict[str, Any]]] = {}
         self.prototype_rejected: dict[int, list[dict[str, Any]]] = {}
         self.partition_of: dict[int, int] = {}  # node id -> partition id (from replies)
+        # node id -> why it cannot train (its own "nothing to train" reply): never sampled for training again
+        self.nothing_to_train: dict[int, str] = {}
         self.round: TrainRound | None = None
 
     # ------------------------------------------------------------------ stages
@@ -152,7 +155,8 @@ class FedDMMRStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample with the base (it sees the trainable subset), send the full model."""
+        """Sample with the base (it sees the trainable subset; nodes with nothing to train are left
+        out), send the full model."""
         seg = self.schedule.segment_for_round(server_round)
         trained = self.trainable_for(seg.stage, arrays)
         if self.aggregation.start_segment((seg.index, tuple(trained))):
@@ -165,12 +169,14 @@ class FedDMMRStrategy(Strategy):
                 self.aggregation.name,
             )
         subset = ArrayRecord({n: arrays[n] for n in trained})
-        nodes, cfg = self.aggregation.sample_train(server_round, subset, self.round_config(server_round, config), grid)
+        round_cfg = self.round_config(server_round, config)
+        sample = self.aggregation.sample_train(server_round, subset, round_cfg, grid, self.nothing_to_train)
+        nodes, cfg = sample.nodes, sample.config
         content = TrainInstruction(arrays, self.prototype_payload(), cfg).to_content(self.pack_wire)
         instructions = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
         reference = {n: from_array(arrays[n]).astype(np.float64) for n in trained}
         expected = Expected(tuple(trained), reference, self.prototype_options.dim)
-        self.round = TrainRound(server_round, seg, trained, expected, instructions, arrays)
+        self.round = TrainRound(server_round, seg, trained, expected, instructions, arrays, sample.left_out)
         return instructions
 
     # --------------------------------------------------------------- aggregate
@@ -195,8 +201,7 @@ class FedDMMRStrategy(Strategy):
             self._record(self.failed, server_round, outcome, "failed")
         for outcome in replies.rejected:
             self._record(self.rejected, server_round, outcome, "rejected")
-        for outcome in replies.skipped:
-            self._record(self.skipped, server_round, outcome, "skipped")
+        self._record_skipped(server_round, replies.skipped)
         accepted = in_partition_order(self._with_partition(a) for a in replies.accepted)
         if replies.mean is None:
             accepted, outliers = drop_norm_outliers(accepted, self.norm_outlier_factor)
@@ -209,7 +214,9 @@ class FedDMMRStrategy(Strategy):
                 arrays = self._overlay(current.global_arrays, new)
             self._aggregate_prototypes(server_round, accepted)
         else:
-            logger.warning("Round %d: no usable train reply, global model unchanged", server_round)
+            fault = self.rejected[server_round] or self.failed[server_round]  # else: only skips, or no one drawn
+            level = logging.WARNING if fault else logging.INFO
+            logger.log(level, "Round %d: no usable train reply, global model unchanged", server_round)
         return arrays, self.round_metrics(server_round, accepted, replies.metrics)
 
     def _with_partition(self, item: Outcome) -> Outcome:
@@ -235,6 +242,18 @@ class FedDMMRStrategy(Strategy):
             outcome.reason,
         )
 
+    def _record_skipped(self, server_round: int, skipped: list[NodeOutcome]) -> None:
+        """Nodes with nothing to train: recorded, logged once per round (INFO: not a fault), and left
+        out of training from now on (they still evaluate)."""
+        for outcome in skipped:
+            outcome = self._with_partition(outcome)
+            self.skipped[server_round].append(outcome.as_record())
+            self.nothing_to_train[outcome.node_id] = outcome.reason
+        if pids := sorted(str(r["partition_id"]) for r in self.skipped[server_round]):
+            shown = ", ".join(pids[:10]) + (", ..." if len(pids) > 10 else "")
+            what = "nothing to train: skipped, left out of training from now on"
+            logger.info("Round %d: %d node(s) (partition-ids %s) had %s", server_round, len(pids), shown, what)
+
     def _server_update(
         self, server_round: int, current: TrainRound, accepted: list[Accepted], replies: RoundReplies
     ) -> dict[str, np.ndarray] | None:
@@ -247,7 +266,8 @@ class FedDMMRStrategy(Strategy):
         if self.privacy is not None:
             present = {n: from_array(current.global_arrays[n]) for n in current.names}
             nodes = [a.node_id for a in accepted]
-            updates = self.privacy.before_aggregation(Release(server_round, nodes, updates, present, replies.sampled))
+            release = Release(server_round, nodes, updates, present, replies.sampled, current.left_out)
+            updates = self.privacy.before_aggregation(release)
             if not updates:
                 return None
         return self.aggregation.aggregate(server_round, updates)
@@ -277,6 +297,7 @@ class FedDMMRStrategy(Strategy):
         metrics[names.NUM_REJECTED] = len(self.rejected[server_round])
         metrics[names.NUM_FAILED] = len(self.failed[server_round])
         metrics[names.NUM_SKIPPED] = len(self.skipped[server_round])
+        metrics[names.NUM_LEFT_OUT] = self._current(server_round).left_out
         metrics[names.NUM_PROTOTYPES] = 0 if self.prototypes is None else int(self.prototypes.shape[0])
         metrics[names.STAGE_INDEX] = STAGES.index(self.stage_for_round(server_round))
         if accepted:
@@ -339,12 +360,14 @@ class FedDMMRStrategy(Strategy):
             "best": self.evaluation.best,
             "privacy": None if self.privacy is None else self.privacy.state_dict(),
             "partition_of": dict(self.partition_of),  # so a node that dies before replying is named
+            "nothing_to_train": dict(self.nothing_to_train),
         }
 
     def restore_state(self, state: Mapping[str, Any]) -> None:
         self.aggregation.load_state_dict(state["aggregation"])
         self.prototypes, self.evaluation.best = state["prototypes"], state["best"]
         self.partition_of.update(state.get("partition_of", {}))
+        self.nothing_to_train.update(state.get("nothing_to_train", {}))
         if state.get("privacy") is not None and self.privacy is not None:
             self.privacy.load_state_dict(state["privacy"])
 

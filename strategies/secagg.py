@@ -21,6 +21,8 @@ it can check before summing (masked-vector shapes, the tensor names a client dec
 weight, its plaintext prototypes) is checked in the grid proxy below, and a failing reply is
 turned into a dropout, which SecAgg+ recovers from with the dropped client's key shares.
 Prototypes and metrics stay plaintext (they are separate releases; see docs/privacy.md).
+A node with nothing to train takes part with a zero update of weight 0 (``client_app.privacy_mods``):
+no dropout to recover from, nothing added to the sum, and the node is counted as skipped.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from flwr.serverapp import Grid
 
 from feddmmr_flower.prototype_aggregation import validate_client
 from feddmmr_flower.replies import Accepted, Expected, NodeOutcome, RoundReplies, check_weight
-from feddmmr_wire import MessageError, TrainReply
+from feddmmr_wire import MessageError, TrainReply, TrainStatus
 
 from .collect import Exchange, error_reason, send_and_receive, unanswered
 
@@ -88,6 +90,7 @@ class _CheckedGrid:
     replies: dict[int, TrainReply] = field(default_factory=dict)
     rejected: dict[int, NodeOutcome] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
+    skipped: dict[int, NodeOutcome] = field(default_factory=dict)
 
     def get_node_ids(self) -> Iterable[int]:
         return self.grid.get_node_ids()
@@ -102,12 +105,18 @@ class _CheckedGrid:
             return NodeOutcome(node, pid, f"client withheld its update: {plain.withheld}")
         if plain.array_names != list(self.expected.names):
             return NodeOutcome(node, pid, f"unexpected key set: {plain.array_names[:5]}")
-        if (reason := check_weight(parsed.num_examples, self.max_weight)) is not None:
+        skip = parsed.status == TrainStatus.NOTHING_TO_TRAIN
+        if skip and parsed.num_examples != 0:
+            return NodeOutcome(node, pid, f"nothing to train but 'num-examples' {parsed.num_examples!r}")
+        if not skip and (reason := check_weight(parsed.num_examples, self.max_weight)) is not None:
             return NodeOutcome(node, pid, reason)
         secagg = reply.content.config_records[RECORD_KEY_CONFIGS]
         shapes = [tuple(bytes_to_ndarray(b).shape) for b in secagg[Key.MASKED_PARAMETERS]][1:]
         if shapes != self.expected.shapes():
             return NodeOutcome(node, pid, f"wrong shapes of the masked update: {shapes[:3]} ...")
+        if skip:  # in the sum with weight 0 (its masks must cancel the others'), not aggregated as a reply
+            self.skipped[node] = NodeOutcome(node, pid, parsed.reason or "nothing to train")
+            return parsed
         if parsed.centroids is not None:
             reason = validate_client(parsed.centroids, parsed.sizes, self.expected.prototype_dim)
             if reason is not None:
@@ -137,7 +146,7 @@ class _CheckedGrid:
                 if isinstance(checked, NodeOutcome):
                     self.rejected[node] = checked
                     reply = Message(Error(code=REJECTED_CODE, reason=checked.reason), reply_to=sent[node])
-                else:
+                elif node not in self.skipped:
                     self.replies[node] = checked
             out.append(reply)
         return out
@@ -177,7 +186,10 @@ class SecAggPlusCollector:
         context.state[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
         context.state[MAIN_PARAMS_RECORD] = ArrayRecord()
         if len(instructions) >= 2:
-            self.workflow(checked, context)  # type: ignore[arg-type]
+            # When every node that answered had nothing to train, the total weight is 0 and Flower's
+            # unmasking divides by it: no aggregate is used then (``_replies``), so no warning either.
+            with np.errstate(divide="ignore", invalid="ignore"):
+                self.workflow(checked, context)  # type: ignore[arg-type]
         else:
             logger.warning(
                 "Round %d: SecAgg+ needs >= 2 sampled nodes, got %d; round skipped", server_round, len(instructions)
@@ -190,15 +202,18 @@ class SecAggPlusCollector:
     ) -> RoundReplies:
         out = RoundReplies(sampled=len(instructions), metrics={SECURE_AGGREGATION: 1})
         out.rejected = list(checked.rejected.values())
-        answered = set(checked.replies) | set(checked.rejected)
+        out.skipped = list(checked.skipped.values())
+        answered = set(checked.replies) | set(checked.rejected) | set(checked.skipped)
         out.failed = unanswered(instructions, answered, checked.failed, "no reply in the SecAgg+ protocol")
         accepted = [
             Accepted(node, r.partition_id, float(r.num_examples), r.metrics, prototypes=_prototypes(r))
             for node, r in checked.replies.items()
         ]
+        if not accepted:  # no update to aggregate: the strategy keeps the model and says why
+            return out
         mean = shim.mean
         problem = None
-        if mean is None or not accepted:
+        if mean is None:
             problem = "SecAgg+ produced no aggregate"
         elif len(mean) != len(expected.names) or not all(np.isfinite(a).all() for a in mean):
             problem = "SecAgg+ result unusable (shape or non-finite)"

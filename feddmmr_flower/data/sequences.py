@@ -73,6 +73,14 @@ class SequenceData:
             "density": round(float(len(self.items)) / (self.num_users * self.num_items), 6),
         }
 
+    #: Training items a user needs for one training position: an input item and its next-item target.
+    MIN_TRAIN_ITEMS = 2
+
+    def can_train(self, users: np.ndarray) -> np.ndarray:
+        """Boolean per user: does the training part (before the held-out items) hold a training position?
+        Under the leave-one-out split, a user of 3 interactions (``min-seq-len = 3``) has none."""
+        return self.train_lengths(self.check_users(users)) >= self.MIN_TRAIN_ITEMS
+
     def check_users(self, users: np.ndarray) -> np.ndarray:
         users = np.asarray(users, dtype=np.int64)
         bad = (users < 0) | (users >= self.num_users)
